@@ -1,0 +1,1 @@
+//! kvtier service library (under construction).

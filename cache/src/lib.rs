@@ -1,0 +1,24 @@
+//! `kvtier-cache`: the core domain of kvtier.
+//!
+//! - [`layout`]: what one token's cache looks like ([`ModelLayout`]) and its fingerprint;
+//! - [`key`]: chained 128-bit [`ChunkKey`]s over token ids under a [`Namespace`];
+//! - [`tier`]: the [`Tier`] trait every storage level implements, chunk metadata, fidelity;
+//! - [`host`]: the host-memory tier (arenas carved into slots, zero-copy views);
+//! - [`store`]: the [`TieredStore`]: prefix lookup, promotion, demotion, eviction, admission,
+//!   leases, stats and events;
+//! - [`conformance`]: the test suite every tier backend must pass.
+//!
+//! This crate does no async I/O and knows nothing of the network, CUDA or codecs.
+
+pub mod conformance;
+pub mod error;
+pub mod host;
+pub mod key;
+pub mod layout;
+pub mod tier;
+
+pub use error::{CacheError, Result};
+pub use host::{HostConfig, HostTier, SlotMut};
+pub use key::{ChunkKey, KeyChain, Namespace};
+pub use layout::{AttentionKind, Dtype, ModelLayout};
+pub use tier::{ChunkMeta, Fidelity, Tier, TierKind, TierSet, TierUsage};

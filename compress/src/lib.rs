@@ -1,0 +1,1 @@
+//! kvtier-compress (under construction).

@@ -1,0 +1,1 @@
+//! kvtier-index (under construction).

