@@ -1,0 +1,3 @@
+//! One module per benchmark suite.
+
+pub mod store;
