@@ -24,7 +24,10 @@ fn meta(len: usize, depth: u32) -> ChunkMeta {
     let mut m = ChunkMeta::raw(7, 11, 16, depth, len as u64);
     if depth % 2 == 1 {
         m.parent = Some(ChunkKey(depth as u128));
-        m.fidelity = Fidelity::Lossy { codec: 3, error_bound: 0.01 };
+        m.fidelity = Fidelity::Lossy {
+            codec: 3,
+            error_bound: 0.01,
+        };
         m.codec = 3;
     }
     m
@@ -42,7 +45,10 @@ pub fn run_all(make: &dyn Fn(u64) -> Box<dyn Tier>) {
 /// Bytes and metadata come back exactly as put, for several sizes including empty.
 pub fn round_trip_exact_bytes(make: &dyn Fn(u64) -> Box<dyn Tier>) {
     let tier = make(64 << 20);
-    for (i, len) in [0usize, 1, 4095, 4096, 65_537, 1 << 20].into_iter().enumerate() {
+    for (i, len) in [0usize, 1, 4095, 4096, 65_537, 1 << 20]
+        .into_iter()
+        .enumerate()
+    {
         let key = ChunkKey(1000 + i as u128);
         let data = payload(i as u64, len);
         let m = meta(len, i as u32);
@@ -84,20 +90,30 @@ pub fn budget_is_never_exceeded(make: &dyn Fn(u64) -> Box<dyn Tier>) {
             Err(CacheError::TierFull { .. }) => break,
             Err(e) => panic!("unexpected error filling tier: {e}"),
         }
-        assert!(tier.usage().bytes <= budget, "usage {:?} over budget", tier.usage());
+        assert!(
+            tier.usage().bytes <= budget,
+            "usage {:?} over budget",
+            tier.usage()
+        );
     }
-    assert!(!stored.is_empty() && stored.len() < 32, "stored {} chunks of 1 MiB in 8 MiB", stored.len());
+    assert!(
+        !stored.is_empty() && stored.len() < 32,
+        "stored {} chunks of 1 MiB in 8 MiB",
+        stored.len()
+    );
     for i in &stored {
         tier.remove(ChunkKey(*i)).unwrap();
     }
-    tier.put(ChunkKey(999), &meta(len, 0), &payload(9, len)).expect("room after removal");
+    tier.put(ChunkKey(999), &meta(len, 0), &payload(9, len))
+        .expect("room after removal");
 }
 
 /// `entries` reports every stored key with its metadata.
 pub fn entries_lists_everything(make: &dyn Fn(u64) -> Box<dyn Tier>) {
     let tier = make(16 << 20);
     for i in 0..10u128 {
-        tier.put(ChunkKey(i), &meta(100, i as u32), &payload(i as u64, 100)).unwrap();
+        tier.put(ChunkKey(i), &meta(100, i as u32), &payload(i as u64, 100))
+            .unwrap();
     }
     tier.remove(ChunkKey(3)).unwrap();
     let mut keys: Vec<u128> = tier.entries().into_iter().map(|(k, _)| k.0).collect();

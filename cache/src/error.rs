@@ -7,7 +7,11 @@ use crate::tier::TierKind;
 pub enum CacheError {
     /// A tier has no room for `needed` more bytes even after eviction.
     #[error("{tier} tier full: {needed} bytes needed, budget {budget} bytes")]
-    TierFull { tier: TierKind, needed: u64, budget: u64 },
+    TierFull {
+        tier: TierKind,
+        needed: u64,
+        budget: u64,
+    },
     /// A payload is larger than any slot or record the tier can hold.
     #[error("payload of {len} bytes exceeds the limit of {max} bytes")]
     PayloadTooLarge { len: u64, max: u64 },
@@ -44,7 +48,10 @@ pub enum CacheError {
 impl CacheError {
     /// Wraps an I/O error with a short description of the operation that failed.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        CacheError::Io { context: context.into(), source }
+        CacheError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -48,7 +48,10 @@ pub struct HeapArenas;
 impl ArenaAllocator for HeapArenas {
     fn allocate(&self, len: usize) -> Result<Arena> {
         let mem: &'static mut [u8] = Box::leak(vec![0u8; len].into_boxed_slice());
-        Ok(Arena { mem, shared_fd: None })
+        Ok(Arena {
+            mem,
+            shared_fd: None,
+        })
     }
 }
 
@@ -108,7 +111,11 @@ impl SlotMut {
     /// Where the slot sits in the arenas.
     pub fn location(&self) -> SlotLocation {
         let s = self.slot.as_ref().expect("slot present until drop");
-        SlotLocation { arena: s.arena, offset: s.offset, len: self.len as u64 }
+        SlotLocation {
+            arena: s.arena,
+            offset: s.offset,
+            len: self.len as u64,
+        }
     }
 
     /// Freezes the slot into a reference-counted view; the slot is freed when the last clone drops.
@@ -140,7 +147,9 @@ impl Drop for SlotMut {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             self.pool.free.lock().push(slot);
-            self.shared.used.fetch_sub(self.pool.slot_size as u64, Ordering::AcqRel);
+            self.shared
+                .used
+                .fetch_sub(self.pool.slot_size as u64, Ordering::AcqRel);
         }
     }
 }
@@ -152,7 +161,11 @@ pub fn slot_size_for(len: usize) -> usize {
     }
     let p = len.next_power_of_two();
     let three_quarters = p / 4 * 3;
-    if len <= three_quarters { three_quarters } else { p }
+    if len <= three_quarters {
+        three_quarters
+    } else {
+        p
+    }
 }
 
 struct HostEntry {
@@ -170,7 +183,10 @@ pub struct HostConfig {
 
 impl HostConfig {
     pub fn with_budget(budget_bytes: u64) -> Self {
-        HostConfig { budget_bytes, arena_bytes: DEFAULT_ARENA_BYTES }
+        HostConfig {
+            budget_bytes,
+            arena_bytes: DEFAULT_ARENA_BYTES,
+        }
     }
 }
 
@@ -189,7 +205,10 @@ impl HostTier {
     /// A host tier whose arenas come from `allocator`.
     pub fn with_allocator(config: HostConfig, allocator: Box<dyn ArenaAllocator>) -> Self {
         // Arenas no larger than the budget (rounded to a page) keep small test budgets honest.
-        let arena_bytes = config.arena_bytes.clamp(MIN_SLOT_BYTES, (config.budget_bytes as usize).max(MIN_SLOT_BYTES));
+        let arena_bytes = config.arena_bytes.clamp(
+            MIN_SLOT_BYTES,
+            (config.budget_bytes as usize).max(MIN_SLOT_BYTES),
+        );
         HostTier {
             shared: Arc::new(Shared {
                 budget: config.budget_bytes,
@@ -208,18 +227,32 @@ impl HostTier {
     /// Reserves a slot for a payload of `len` bytes, charged against the budget.
     pub fn reserve(&self, len: usize) -> Result<SlotMut> {
         if len > MAX_SLOT_BYTES {
-            return Err(CacheError::PayloadTooLarge { len: len as u64, max: MAX_SLOT_BYTES as u64 });
+            return Err(CacheError::PayloadTooLarge {
+                len: len as u64,
+                max: MAX_SLOT_BYTES as u64,
+            });
         }
         let size = slot_size_for(len);
         let sh = &self.shared;
-        let full = || CacheError::TierFull { tier: TierKind::Host, needed: size as u64, budget: sh.budget };
+        let full = || CacheError::TierFull {
+            tier: TierKind::Host,
+            needed: size as u64,
+            budget: sh.budget,
+        };
         sh.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + size as u64 <= sh.budget).then_some(u + size as u64))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + size as u64 <= sh.budget).then_some(u + size as u64)
+            })
             .map_err(|_| full())?;
         let pool = sh
             .classes
             .entry(size)
-            .or_insert_with(|| Arc::new(ClassPool { slot_size: size, free: Mutex::new(Vec::new()) }))
+            .or_insert_with(|| {
+                Arc::new(ClassPool {
+                    slot_size: size,
+                    free: Mutex::new(Vec::new()),
+                })
+            })
             .clone();
         let slot = pool.free.lock().pop();
         let slot = match slot {
@@ -227,7 +260,12 @@ impl HostTier {
             None => self.grow(&pool),
         };
         match slot {
-            Some(slot) => Ok(SlotMut { slot: Some(slot), len, pool, shared: sh.clone() }),
+            Some(slot) => Ok(SlotMut {
+                slot: Some(slot),
+                len,
+                pool,
+                shared: sh.clone(),
+            }),
             None => {
                 sh.used.fetch_sub(size as u64, Ordering::AcqRel);
                 Err(full())
@@ -254,13 +292,20 @@ impl HostTier {
         let arena = sh.allocator.allocate(len).ok()?;
         let id = arenas.len() as u32;
         let fd = arena.shared_fd;
-        arenas.push(ArenaRecord { len: len as u64, fd });
+        arenas.push(ArenaRecord {
+            len: len as u64,
+            fd,
+        });
         sh.carved.fetch_add(len as u64, Ordering::AcqRel);
         let mut slots: Vec<Slot> = arena
             .mem
             .chunks_exact_mut(size)
             .enumerate()
-            .map(|(i, mem)| Slot { mem, arena: id, offset: (i * size) as u64 })
+            .map(|(i, mem)| Slot {
+                mem,
+                arena: id,
+                offset: (i * size) as u64,
+            })
             .collect();
         let first = slots.pop();
         pool.free.lock().extend(slots);
@@ -287,7 +332,11 @@ impl HostTier {
             .lock()
             .iter()
             .enumerate()
-            .map(|(i, a)| ArenaInfo { id: i as u32, len: a.len, shared_fd: a.fd.as_ref().map(|f| f.as_raw_fd()) })
+            .map(|(i, a)| ArenaInfo {
+                id: i as u32,
+                len: a.len,
+                shared_fd: a.fd.as_ref().map(|f| f.as_raw_fd()),
+            })
             .collect()
     }
 
@@ -341,7 +390,10 @@ mod tests {
     #[test]
     fn conformance() {
         crate::conformance::run_all(&|budget| {
-            Box::new(HostTier::new(HostConfig { budget_bytes: budget, arena_bytes: 4 << 20 }))
+            Box::new(HostTier::new(HostConfig {
+                budget_bytes: budget,
+                arena_bytes: 4 << 20,
+            }))
         });
     }
 
@@ -349,7 +401,10 @@ mod tests {
     fn slot_classes_waste_at_most_a_third() {
         for len in [4097usize, 5_898_240, 32 << 20, (32 << 20) + 1, 1 << 29] {
             let s = slot_size_for(len);
-            assert!(s >= len && (s as f64) < len as f64 * 1.5 + 1.0, "{len} -> {s}");
+            assert!(
+                s >= len && (s as f64) < len as f64 * 1.5 + 1.0,
+                "{len} -> {s}"
+            );
         }
         assert_eq!(slot_size_for(32 << 20), 32 << 20);
         assert_eq!(slot_size_for(5_898_240), 6 << 20);
@@ -357,15 +412,23 @@ mod tests {
 
     #[test]
     fn views_outlive_removal_and_keep_their_bytes() {
-        let host = HostTier::new(HostConfig { budget_bytes: 1 << 20, arena_bytes: 1 << 20 });
+        let host = HostTier::new(HostConfig {
+            budget_bytes: 1 << 20,
+            arena_bytes: 1 << 20,
+        });
         let k = ChunkKey(1);
-        host.put(k, &ChunkMeta::raw(0, 0, 1, 0, 5000), &[7u8; 5000]).unwrap();
+        host.put(k, &ChunkMeta::raw(0, 0, 1, 0, 5000), &[7u8; 5000])
+            .unwrap();
         let (_, view) = host.get(k).unwrap().unwrap();
         host.remove(k).unwrap();
         // The slot is still charged while the view lives, so nobody can overwrite it.
         assert_eq!(host.usage().bytes, slot_size_for(5000) as u64);
         for i in 0..100u128 {
-            let _ = host.put(ChunkKey(100 + i), &ChunkMeta::raw(0, 0, 1, 0, 5000), &[9u8; 5000]);
+            let _ = host.put(
+                ChunkKey(100 + i),
+                &ChunkMeta::raw(0, 0, 1, 0, 5000),
+                &[9u8; 5000],
+            );
         }
         assert!(view.iter().all(|b| *b == 7));
         drop(view);
@@ -378,6 +441,9 @@ mod tests {
     #[test]
     fn oversize_payload_is_refused() {
         let host = HostTier::new(HostConfig::with_budget(1 << 20));
-        assert!(matches!(host.reserve(MAX_SLOT_BYTES + 1), Err(CacheError::PayloadTooLarge { .. })));
+        assert!(matches!(
+            host.reserve(MAX_SLOT_BYTES + 1),
+            Err(CacheError::PayloadTooLarge { .. })
+        ));
     }
 }

@@ -52,7 +52,9 @@ impl std::str::FromStr for ChunkKey {
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ParseKeyError(s.chars().take(40).collect()));
         }
-        u128::from_str_radix(s, 16).map(ChunkKey).map_err(|_| ParseKeyError(s.to_string()))
+        u128::from_str_radix(s, 16)
+            .map(ChunkKey)
+            .map_err(|_| ParseKeyError(s.to_string()))
     }
 }
 
@@ -123,13 +125,20 @@ impl Namespace {
     /// A hasher that walks a prompt chunk by chunk.
     pub fn hasher(&self) -> KeyChain {
         let seed = self.seed();
-        KeyChain { seed, prev: seed, chunk_tokens: self.chunk_tokens as usize }
+        KeyChain {
+            seed,
+            prev: seed,
+            chunk_tokens: self.chunk_tokens as usize,
+        }
     }
 
     /// Keys of every full chunk of `tokens`. A trailing partial chunk has no key.
     pub fn chunk_keys(&self, tokens: &[u32]) -> Vec<ChunkKey> {
         let mut chain = self.hasher();
-        tokens.chunks_exact(self.chunk_tokens.max(1) as usize).map(|c| chain.next_key(c)).collect()
+        tokens
+            .chunks_exact(self.chunk_tokens.max(1) as usize)
+            .map(|c| chain.next_key(c))
+            .collect()
     }
 }
 
@@ -220,6 +229,10 @@ mod tests {
         assert_eq!(s.len(), 32);
         assert_eq!(s.parse::<ChunkKey>().unwrap(), k);
         assert!("xyz".parse::<ChunkKey>().is_err());
-        assert!("0123456789abcdef0123456789abcdeg".parse::<ChunkKey>().is_err());
+        assert!(
+            "0123456789abcdef0123456789abcdeg"
+                .parse::<ChunkKey>()
+                .is_err()
+        );
     }
 }

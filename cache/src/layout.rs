@@ -100,7 +100,13 @@ const MAX_DIM: u32 = 16384;
 
 impl ModelLayout {
     /// A multi-head (or grouped-query) attention layout.
-    pub fn mha(model_id: &str, num_layers: u32, kv_heads: u32, head_dim: u32, dtype: Dtype) -> Self {
+    pub fn mha(
+        model_id: &str,
+        num_layers: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        dtype: Dtype,
+    ) -> Self {
         ModelLayout {
             model_id: model_id.to_string(),
             num_layers,
@@ -112,14 +118,23 @@ impl ModelLayout {
     }
 
     /// A multi-head latent attention layout.
-    pub fn mla(model_id: &str, num_layers: u32, latent_dim: u32, rope_dim: u32, dtype: Dtype) -> Self {
+    pub fn mla(
+        model_id: &str,
+        num_layers: u32,
+        latent_dim: u32,
+        rope_dim: u32,
+        dtype: Dtype,
+    ) -> Self {
         ModelLayout {
             model_id: model_id.to_string(),
             num_layers,
             kv_heads: 1,
             head_dim: latent_dim + rope_dim,
             dtype,
-            attention: AttentionKind::Mla { latent_dim, rope_dim },
+            attention: AttentionKind::Mla {
+                latent_dim,
+                rope_dim,
+            },
         }
     }
 
@@ -151,7 +166,10 @@ impl ModelLayout {
                     return bad("head_dim must be in 1..=16384");
                 }
             }
-            AttentionKind::Mla { latent_dim, rope_dim } => {
+            AttentionKind::Mla {
+                latent_dim,
+                rope_dim,
+            } => {
                 if latent_dim == 0 || latent_dim + rope_dim > MAX_DIM {
                     return bad("latent_dim + rope_dim must be in 1..=16384");
                 }
@@ -164,7 +182,10 @@ impl ModelLayout {
     pub fn elems_per_token_layer(&self) -> usize {
         match self.attention {
             AttentionKind::Mha => 2 * self.kv_heads as usize * self.head_dim as usize,
-            AttentionKind::Mla { latent_dim, rope_dim } => (latent_dim + rope_dim) as usize,
+            AttentionKind::Mla {
+                latent_dim,
+                rope_dim,
+            } => (latent_dim + rope_dim) as usize,
         }
     }
 
@@ -184,7 +205,12 @@ impl ModelLayout {
     }
 
     /// Byte range of layers `first..first+count` inside a raw chunk of `tokens` tokens.
-    pub fn layer_range(&self, first: u32, count: u32, tokens: usize) -> Option<std::ops::Range<usize>> {
+    pub fn layer_range(
+        &self,
+        first: u32,
+        count: u32,
+        tokens: usize,
+    ) -> Option<std::ops::Range<usize>> {
         let end = first.checked_add(count)?;
         if end > self.num_layers {
             return None;
@@ -209,7 +235,10 @@ impl ModelLayout {
                 buf.extend_from_slice(&self.kv_heads.to_le_bytes());
                 buf.extend_from_slice(&self.head_dim.to_le_bytes());
             }
-            AttentionKind::Mla { latent_dim, rope_dim } => {
+            AttentionKind::Mla {
+                latent_dim,
+                rope_dim,
+            } => {
                 buf.push(2);
                 buf.extend_from_slice(&latent_dim.to_le_bytes());
                 buf.extend_from_slice(&rope_dim.to_le_bytes());

@@ -15,10 +15,18 @@ pub mod error;
 pub mod host;
 pub mod key;
 pub mod layout;
+pub mod memory;
 pub mod tier;
 
 pub use error::{CacheError, Result};
 pub use host::{HostConfig, HostTier, SlotMut};
 pub use key::{ChunkKey, KeyChain, Namespace};
 pub use layout::{AttentionKind, Dtype, ModelLayout};
+pub use memory::MemoryTier;
 pub use tier::{ChunkMeta, Fidelity, Tier, TierKind, TierSet, TierUsage};
+pub(crate) mod policy;
+pub mod store;
+pub use store::{
+    ChunkHit, ChunkInfo, ChunkRead, GetOutcome, Lease, LookupResult, StoreConfig, StoreEvent,
+    StoreStats, TierStats, TieredStore, WriteMode,
+};

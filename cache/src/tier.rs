@@ -21,7 +21,12 @@ pub enum TierKind {
 }
 
 impl TierKind {
-    pub const ALL: [TierKind; 4] = [TierKind::Gpu, TierKind::Host, TierKind::Disk, TierKind::Remote];
+    pub const ALL: [TierKind; 4] = [
+        TierKind::Gpu,
+        TierKind::Host,
+        TierKind::Disk,
+        TierKind::Remote,
+    ];
 
     /// Bit of this tier in a [`TierSet`].
     pub const fn bit(self) -> u8 {
@@ -117,7 +122,9 @@ impl std::fmt::Display for Fidelity {
         match self {
             Fidelity::Exact => f.write_str("exact"),
             Fidelity::Lossless => f.write_str("lossless"),
-            Fidelity::Lossy { codec, error_bound } => write!(f, "lossy(codec {codec}, err<={error_bound})"),
+            Fidelity::Lossy { codec, error_bound } => {
+                write!(f, "lossy(codec {codec}, err<={error_bound})")
+            }
         }
     }
 }
