@@ -1,1 +1,19 @@
-//! kvtier service library (under construction).
+//! `kvtier`: the service around the tiered store.
+//!
+//! - [`config`]: defaults < TOML < environment < flags, validated into [`config::ServeConfig`];
+//! - [`service`]: the store built from configuration, shared by both planes;
+//! - [`auth`]: bearer tokens (constant-time) and tenant resolution;
+//! - [`wire`]: the binary data-plane frame format;
+//! - [`error`]: the service error type and its HTTP mapping.
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod service;
+mod transport;
+pub mod wire;

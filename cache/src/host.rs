@@ -68,7 +68,8 @@ pub struct SlotLocation {
 pub struct ArenaInfo {
     pub id: u32,
     pub len: u64,
-    pub shared_fd: Option<std::os::fd::RawFd>,
+    /// A duplicate of the arena's descriptor (the caller owns and closes it), when shareable.
+    pub shared_fd: Option<std::os::fd::OwnedFd>,
 }
 
 struct Slot {
@@ -324,20 +325,25 @@ impl HostTier {
         self.map.get(&key).map(|e| (e.meta, e.loc, e.bytes.clone()))
     }
 
-    /// The arenas carved so far.
-    pub fn arenas(&self) -> Vec<ArenaInfo> {
-        use std::os::fd::AsRawFd;
-        self.shared
-            .arenas
-            .lock()
-            .iter()
-            .enumerate()
-            .map(|(i, a)| ArenaInfo {
+    /// The arenas carved so far, with duplicated descriptors where they are shareable.
+    pub fn arenas(&self) -> Result<Vec<ArenaInfo>> {
+        let arenas = self.shared.arenas.lock();
+        let mut out = Vec::with_capacity(arenas.len());
+        for (i, a) in arenas.iter().enumerate() {
+            let shared_fd = match &a.fd {
+                Some(fd) => Some(
+                    fd.try_clone()
+                        .map_err(|e| CacheError::io("duplicating an arena descriptor", e))?,
+                ),
+                None => None,
+            };
+            out.push(ArenaInfo {
                 id: i as u32,
                 len: a.len,
-                shared_fd: a.fd.as_ref().map(|f| f.as_raw_fd()),
-            })
-            .collect()
+                shared_fd,
+            });
+        }
+        Ok(out)
     }
 
     /// Bytes of arena memory carved (the resident upper bound of this tier).

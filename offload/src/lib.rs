@@ -1,1 +1,13 @@
-//! kvtier-offload (under construction).
+//! `kvtier-offload`: tier backends that touch devices.
+//!
+//! - [`disk`]: [`DiskTier`], chunks in checksummed append-only segment files;
+//! - [`shm`]: [`MemfdArenas`], host-tier arenas in memfd shared memory that same-host clients
+//!   can map read-only.
+//!
+//! All `unsafe` code of the project lives in this crate, each block small and justified.
+
+pub mod disk;
+pub mod shm;
+
+pub use disk::{DiskConfig, DiskStats, DiskTier, Durability, RecordLocation};
+pub use shm::{MemfdArenas, map_readonly};

@@ -113,6 +113,11 @@ impl TieredStore {
         &self.config
     }
 
+    /// Number of tiers below host (disk, remote).
+    pub fn lower_tiers(&self) -> usize {
+        self.lower.len()
+    }
+
     /// The host tier (for zero-copy slot reservation and arena sharing).
     pub fn host(&self) -> &Arc<HostTier> {
         &self.host

@@ -1,0 +1,288 @@
+//! Service configuration: defaults < TOML file < environment (`KVTIER_*`) < command-line flags.
+//!
+//! Raw inputs are parsed into [`ServeConfig`], which is validated once and then trusted by the
+//! rest of the program.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use kvtier_cache::WriteMode;
+
+/// Durability of acknowledged writes to the disk tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DurabilityMode {
+    /// fdatasync before every disk write is acknowledged.
+    Always,
+    /// Group commit: writes are acknowledged after the fdatasync of their batch.
+    Batch,
+    /// Page cache only (benchmarks; a power loss may lose acknowledged disk writes).
+    None,
+}
+
+/// The validated configuration of `kvtier serve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Directory of the disk tier (segment files) and the default Unix socket.
+    pub data_dir: PathBuf,
+    /// Data-plane TCP address.
+    pub listen: SocketAddr,
+    /// Data-plane Unix socket path; empty disables it. Relative paths are under `data_dir`.
+    pub socket: PathBuf,
+    /// HTTP control-plane address.
+    pub http: SocketAddr,
+    /// Bearer token guarding both planes; `None` leaves them open (loopback-only by default).
+    pub token: Option<String>,
+    /// Tokens that also fix the caller's tenant: `token -> tenant`. A caller presenting one of
+    /// these can only ever act as that tenant.
+    pub tenant_tokens: BTreeMap<String, String>,
+    /// Host-memory tier budget in bytes.
+    #[serde(with = "size")]
+    pub host_bytes: u64,
+    /// Disk tier budget in bytes; 0 disables the disk tier.
+    #[serde(with = "size")]
+    pub disk_bytes: u64,
+    pub write_mode: WriteMode,
+    pub durability: DurabilityMode,
+    /// Accesses a chunk needs before it is admitted to disk.
+    pub admit_after: u8,
+    /// Longest lease, in seconds.
+    pub max_lease_secs: u64,
+    /// Concurrent requests in flight per data-plane connection.
+    pub max_in_flight: u32,
+    /// Seconds a sender may stall in the middle of a frame before the connection is dropped.
+    pub stall_timeout_secs: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("./kvtier-data"),
+            listen: "127.0.0.1:7070".parse().expect("valid literal"),
+            socket: PathBuf::from("kvtier.sock"),
+            http: "127.0.0.1:7071".parse().expect("valid literal"),
+            token: None,
+            tenant_tokens: BTreeMap::new(),
+            host_bytes: 4 << 30,
+            disk_bytes: 16 << 30,
+            write_mode: WriteMode::WriteBack,
+            durability: DurabilityMode::Batch,
+            admit_after: 2,
+            max_lease_secs: 300,
+            max_in_flight: 64,
+            stall_timeout_secs: 10,
+        }
+    }
+}
+
+/// Flag and environment overrides (clap fills these; `None` means "not given").
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeOverrides {
+    /// TOML configuration file (keys as in the README's configuration table).
+    #[arg(long, env = "KVTIER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the disk tier's segment files [default: ./kvtier-data].
+    #[arg(long, env = "KVTIER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Data-plane TCP address [default: 127.0.0.1:7070].
+    #[arg(long, env = "KVTIER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data-plane Unix socket ("" disables) [default: <data-dir>/kvtier.sock].
+    #[arg(long, env = "KVTIER_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// HTTP control-plane address [default: 127.0.0.1:7071].
+    #[arg(long, env = "KVTIER_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Bearer token required on both planes.
+    #[arg(long, env = "KVTIER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Host-memory budget, e.g. 4GiB [default: 4GiB].
+    #[arg(long, env = "KVTIER_HOST_BYTES", value_parser = parse_size)]
+    pub host_bytes: Option<u64>,
+    /// Disk budget, e.g. 16GiB; 0 disables the disk tier [default: 16GiB].
+    #[arg(long, env = "KVTIER_DISK_BYTES", value_parser = parse_size)]
+    pub disk_bytes: Option<u64>,
+    /// When chunks reach disk [default: write-back].
+    #[arg(long, env = "KVTIER_WRITE_MODE", value_parser = parse_write_mode)]
+    pub write_mode: Option<WriteMode>,
+    /// Disk durability [default: batch].
+    #[arg(long, env = "KVTIER_DURABILITY")]
+    pub durability: Option<DurabilityMode>,
+}
+
+fn parse_write_mode(s: &str) -> Result<WriteMode, String> {
+    match s {
+        "write-back" => Ok(WriteMode::WriteBack),
+        "write-through" => Ok(WriteMode::WriteThrough),
+        _ => Err(format!(
+            "unknown write mode {s:?} (write-back or write-through)"
+        )),
+    }
+}
+
+/// Parses sizes like `4GiB`, `512MiB`, `100MB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    let v = n * mult as f64;
+    if !(0.0..=u64::MAX as f64 / 2.0).contains(&v) {
+        return Err(format!("size {s:?} out of range"));
+    }
+    Ok(v as u64)
+}
+
+mod size {
+    //! Sizes in TOML may be integers (bytes) or strings with a unit.
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(n),
+            Raw::S(s) => super::parse_size(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Layers defaults, the TOML file, then the overrides (clap already put flags over env).
+    pub fn load(o: &ServeOverrides) -> Result<ServeConfig> {
+        let mut c = match &o.config {
+            Some(p) => Self::from_toml_file(p)?,
+            None => ServeConfig::default(),
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = &o.$f { c.$f = v.clone(); } )* };
+        }
+        over!(
+            data_dir, listen, socket, http, host_bytes, disk_bytes, write_mode, durability
+        );
+        if o.token.is_some() {
+            c.token = o.token.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads a TOML file over the defaults.
+    pub fn from_toml_file(path: &Path) -> Result<ServeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// Checks values that would otherwise fail later in confusing ways.
+    pub fn validate(&self) -> Result<()> {
+        if self.host_bytes < 1 << 20 {
+            bail!(
+                "host_bytes must be at least 1 MiB (got {})",
+                self.host_bytes
+            );
+        }
+        if self.token.as_deref().is_some_and(|t| t.len() < 8) {
+            bail!("token must be at least 8 characters");
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 4096 {
+            bail!("max_in_flight must be in 1..=4096");
+        }
+        if self.stall_timeout_secs == 0 {
+            bail!("stall_timeout_secs must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The Unix socket path, resolved against `data_dir`; `None` when disabled.
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        if self.socket.as_os_str().is_empty() {
+            return None;
+        }
+        Some(if self.socket.is_absolute() {
+            self.socket.clone()
+        } else {
+            self.data_dir.join(&self.socket)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn layering_defaults_toml_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(
+            &p,
+            "host_bytes = \"64MiB\"\ndisk_bytes = 0\nlisten = \"127.0.0.1:9000\"\n",
+        )
+        .unwrap();
+        let o = ServeOverrides {
+            config: Some(p.clone()),
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = ServeConfig::load(&o).unwrap();
+        assert_eq!(c.host_bytes, 64 << 20, "toml over default");
+        assert_eq!(c.disk_bytes, 0);
+        assert_eq!(c.listen.port(), 9001, "flag over toml");
+        assert_eq!(c.http.port(), 7071, "default kept");
+        std::fs::write(&p, "hots_bytes = 1\n").unwrap();
+        let err = ServeConfig::load(&ServeOverrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn defaults_bind_loopback() {
+        let c = ServeConfig::default();
+        assert!(c.listen.ip().is_loopback() && c.http.ip().is_loopback());
+        assert_eq!(
+            c.socket_path().unwrap(),
+            PathBuf::from("./kvtier-data/kvtier.sock")
+        );
+    }
+}

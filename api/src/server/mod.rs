@@ -1,0 +1,162 @@
+//! The data plane (TCP and Unix socket) and the process that runs both planes.
+//!
+//! [`run`] binds every listener first, so a port in use fails fast with a clear error, then
+//! serves until `shutdown` resolves; it stops accepting, gives open connections a moment to
+//! finish, and flushes the store so everything acknowledged is durable.
+
+mod conn;
+mod handlers;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::service::Service;
+use crate::transport::{Reader, Writer};
+
+/// Bound listeners, before serving. Tests bind to port 0 and read the addresses from here.
+pub struct Listeners {
+    pub data: TcpListener,
+    pub unix: Option<(UnixListener, PathBuf)>,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses. A stale socket file left by a crashed server is replaced;
+    /// one a live server still answers on is an error.
+    pub async fn bind(svc: &Service) -> Result<Listeners> {
+        let c = &svc.config;
+        let data = TcpListener::bind(c.listen)
+            .await
+            .with_context(|| format!("binding the data plane to {}", c.listen))?;
+        let http = TcpListener::bind(c.http)
+            .await
+            .with_context(|| format!("binding the HTTP control plane to {}", c.http))?;
+        let unix = match c.socket_path() {
+            None => None,
+            Some(p) => Some((bind_unix(&p).await?, p)),
+        };
+        Ok(Listeners { data, unix, http })
+    }
+}
+
+async fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!("another server is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("binding the unix socket {}", path.display()))
+}
+
+/// Serves both planes on `listeners` until `shutdown` resolves, then flushes the store.
+pub async fn run(
+    svc: Arc<Service>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let s = svc.clone();
+    let mut rx = stop_rx.clone();
+    let tcp = listeners.data;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = rx.changed() => break,
+                r = tcp.accept() => match r {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        let (r, w) = stream.into_split();
+                        tokio::spawn(conn::serve(s.clone(), Reader::Tcp(r), Writer::Tcp(w)));
+                    }
+                    Err(e) => {
+                        tracing::warn!("data-plane accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }));
+    let mut socket_path = None;
+    if let Some((unix, path)) = listeners.unix {
+        socket_path = Some(path);
+        let s = svc.clone();
+        let mut rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = rx.changed() => break,
+                    r = unix.accept() => match r {
+                        Ok((stream, _)) => {
+                            let (r, w) = stream.into_split();
+                            tokio::spawn(conn::serve(s.clone(), Reader::Unix(r), Writer::Unix(w)));
+                        }
+                        Err(e) => {
+                            tracing::warn!("unix-socket accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        }));
+    }
+    let mut rx = stop_rx.clone();
+    let http = crate::http::serve(svc.clone(), listeners.http, async move {
+        let _ = rx.changed().await;
+    });
+    let http_task = tokio::spawn(http);
+    tracing::info!(
+        "kvtier serving: data {} , http {}{}",
+        svc.config.listen,
+        svc.config.http,
+        socket_path
+            .as_ref()
+            .map(|p| format!(", unix {}", p.display()))
+            .unwrap_or_default()
+    );
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; flushing acknowledged writes");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    let flushed = tokio::task::spawn_blocking({
+        let s = svc.clone();
+        move || s.shutdown()
+    })
+    .await
+    .context("flush task failed")?;
+    if let Some(p) = socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    flushed
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

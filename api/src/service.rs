@@ -1,0 +1,102 @@
+//! The running service: the store built from configuration, credentials and the event feed that
+//! both planes share.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::sync::broadcast;
+
+use kvtier_cache::host::ArenaAllocator;
+use kvtier_cache::{HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore};
+use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
+
+use crate::auth::Auth;
+use crate::config::{DurabilityMode, ServeConfig};
+
+/// Events buffered per subscriber before a slow one starts missing them (it is told how many).
+pub const EVENT_BUFFER: usize = 4096;
+
+/// Everything a request handler needs. Shared behind an `Arc`.
+pub struct Service {
+    pub config: ServeConfig,
+    pub store: Arc<TieredStore>,
+    pub auth: Auth,
+    pub events: broadcast::Sender<StoreEvent>,
+    /// Why the disk tier is not in use, when it was configured but could not be opened.
+    pub disk_error: Option<String>,
+    /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
+    pub shared_arenas: bool,
+    pub started: Instant,
+}
+
+impl Service {
+    /// Builds the store: host tier (memfd arenas when the kernel offers them) and, when
+    /// `disk_bytes > 0`, the disk tier under `data_dir`. A disk tier that cannot be opened is
+    /// reported and the service runs on host memory alone.
+    pub fn open(config: ServeConfig) -> Result<Arc<Service>> {
+        config.validate()?;
+        let host_cfg = HostConfig::with_budget(config.host_bytes);
+        // One small probe arena tells whether memfd works here (it can be missing in sandboxes).
+        let (host, shared_arenas) = match MemfdArenas.allocate(4096) {
+            Ok(_) => (
+                HostTier::with_allocator(host_cfg, Box::new(MemfdArenas)),
+                true,
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    "memfd arenas unavailable ({e}); host tier uses the heap and same-host zero-copy is off"
+                );
+                (HostTier::new(host_cfg), false)
+            }
+        };
+        let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
+        let mut disk_error = None;
+        if config.disk_bytes > 0 {
+            let mut dc = DiskConfig::new(config.data_dir.join("segments"), config.disk_bytes);
+            dc.durability = match config.durability {
+                DurabilityMode::Always => Durability::Always,
+                DurabilityMode::Batch => Durability::Batch {
+                    max_delay: Duration::from_millis(2),
+                },
+                DurabilityMode::None => Durability::None,
+            };
+            match DiskTier::open(dc) {
+                Ok(d) => lower.push(Arc::new(d)),
+                Err(e) => {
+                    tracing::error!("disk tier unavailable, serving from host memory only: {e}");
+                    disk_error = Some(e.to_string());
+                }
+            }
+        }
+        let store_cfg = StoreConfig {
+            write_mode: config.write_mode,
+            admit_after: config.admit_after,
+            max_lease_ttl: Duration::from_secs(config.max_lease_secs),
+            ..StoreConfig::default()
+        };
+        let store = Arc::new(TieredStore::new(store_cfg, Arc::new(host), lower));
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let tx = events.clone();
+        store.subscribe(move |e| {
+            // No subscriber is not an error: events are best-effort notifications.
+            let _ = tx.send(e.clone());
+        });
+        let auth = Auth::new(config.token.clone(), &config.tenant_tokens);
+        Ok(Arc::new(Service {
+            config,
+            store,
+            auth,
+            events,
+            disk_error,
+            shared_arenas,
+            started: Instant::now(),
+        }))
+    }
+
+    /// Flushes every tier (called on graceful shutdown).
+    pub fn shutdown(&self) -> Result<()> {
+        self.store.flush()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,403 @@
+//! End-to-end tests of the data plane: a real server on loopback (TCP and Unix socket) and the
+//! Rust client. Covers every request kind, auth, tenant isolation, shared memory, and a flood of
+//! malformed connections interleaved with valid clients.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvtier::client::{Client, ClientError, ClientOptions};
+use kvtier::config::ServeConfig;
+use kvtier::server::{Listeners, run};
+use kvtier::service::Service;
+use kvtier::wire::ErrorCode;
+use kvtier_cache::{ChunkKey, ChunkMeta, Fidelity, ModelLayout, Namespace, TierKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct TestServer {
+    svc: Arc<Service>,
+    tcp: String,
+    unix: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    async fn start(token: Option<&str>, host_bytes: u64, disk_bytes: u64) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServeConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            token: token.map(str::to_string),
+            host_bytes,
+            disk_bytes,
+            stall_timeout_secs: 2,
+            ..ServeConfig::default()
+        };
+        let svc = Service::open(config).unwrap();
+        let listeners = Listeners::bind(&svc).await.unwrap();
+        let tcp = listeners.data.local_addr().unwrap().to_string();
+        let unix = format!("unix:{}", listeners.unix.as_ref().unwrap().1.display());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(svc.clone(), listeners, async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            svc,
+            tcp,
+            unix,
+            _dir: dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn client(
+        &self,
+        addr: &str,
+        token: Option<&str>,
+        tenant: &str,
+    ) -> Result<Client, ClientError> {
+        Client::connect(
+            addr,
+            ClientOptions {
+                token: token.map(str::to_string),
+                tenant: Some(tenant.to_string()),
+                client_name: "test".into(),
+            },
+        )
+        .await
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed * 7) % 251) as u8)
+        .collect()
+}
+
+fn meta(len: usize, depth: u32) -> ChunkMeta {
+    ChunkMeta::raw(0, 42, 256, depth, len as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_lookup_lease_delete_over_tcp_and_unix() {
+    let srv = TestServer::start(None, 64 << 20, 0).await;
+    for addr in [srv.tcp.clone(), srv.unix.clone()] {
+        let c = srv.client(&addr, None, "alice").await.unwrap();
+        let layout = ModelLayout::smollm2_135m();
+        let ns = Namespace::new(layout.fingerprint(), "alice");
+        let tokens: Vec<u32> = (0..1000).collect();
+        let keys = ns.chunk_keys(&tokens);
+        assert_eq!(keys.len(), 3);
+        for (i, k) in keys.iter().enumerate() {
+            let data = payload(i as u64, 100_000 + i);
+            c.put(*k, &meta(data.len(), i as u32), &data).await.unwrap();
+        }
+        let r = c
+            .lookup(layout.fingerprint(), None, 256, &tokens)
+            .await
+            .unwrap();
+        assert_eq!(r.hit_tokens, 768);
+        assert_eq!(r.hits.iter().map(|h| h.key).collect::<Vec<_>>(), keys);
+        assert!(r.hits[0].tiers.contains(TierKind::Host));
+        // Batch get, one key missing in the middle.
+        let got = c
+            .get(&[keys[0], ChunkKey(1), keys[2]], false)
+            .await
+            .unwrap();
+        assert_eq!(
+            &got[0].as_ref().unwrap().bytes[..],
+            &payload(0, 100_000)[..]
+        );
+        assert!(got[1].is_none());
+        assert_eq!(
+            &got[2].as_ref().unwrap().bytes[..],
+            &payload(2, 100_002)[..]
+        );
+        assert_eq!(got[2].as_ref().unwrap().meta.depth, 2);
+        // Buffer reuse.
+        let (entries, buf) = c
+            .get_into(&[keys[1]], false, vec![9u8; 1 << 20])
+            .await
+            .unwrap();
+        let range = entries[0].clone().unwrap().1;
+        assert_eq!(&buf[range], &payload(1, 100_001)[..]);
+        // Leases.
+        let ids = c
+            .lease(&[keys[0], ChunkKey(5)], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(ids[0] != 0 && ids[1] == 0);
+        c.release(&[ids[0]]).await.unwrap();
+        let err = c.release(&[ids[0]]).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::NotFound));
+        // Stats and delete.
+        let stats = c.stats().await.unwrap();
+        assert_eq!(stats["chunks"], 3);
+        assert_eq!(c.delete(&keys).await.unwrap(), 3);
+        assert_eq!(
+            c.lookup(layout.fingerprint(), None, 256, &tokens)
+                .await
+                .unwrap()
+                .hit_tokens,
+            0
+        );
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_in_flight_on_one_connection() {
+    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let c = srv.client(&srv.tcp, None, "t").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = payload(i, 10_000 + i as usize);
+            c.put(ChunkKey(i as u128 + 1), &meta(data.len(), 0), &data)
+                .await
+                .unwrap();
+            let got = c.get(&[ChunkKey(i as u128 + 1)], false).await.unwrap();
+            assert_eq!(&got[0].as_ref().unwrap().bytes[..], &data[..]);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_and_tenants_are_isolated() {
+    let srv = TestServer::start(Some("s3cret-token"), 64 << 20, 0).await;
+    let err = srv.client(&srv.tcp, None, "a").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
+    let err = srv
+        .client(&srv.tcp, Some("wrong-token!"), "a")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
+    let a = srv
+        .client(&srv.tcp, Some("s3cret-token"), "alice")
+        .await
+        .unwrap();
+    let b = srv
+        .client(&srv.unix, Some("s3cret-token"), "bob")
+        .await
+        .unwrap();
+    let layout = ModelLayout::smollm2_135m();
+    let tokens: Vec<u32> = (0..256).collect();
+    let ka = Namespace::new(layout.fingerprint(), "alice").chunk_keys(&tokens)[0];
+    let kb = Namespace::new(layout.fingerprint(), "bob").chunk_keys(&tokens)[0];
+    assert_ne!(ka, kb, "identical prefixes hash apart per tenant");
+    a.put(ka, &meta(1000, 0), &payload(1, 1000)).await.unwrap();
+    // Bob cannot find, read or delete Alice's chunk, even by its raw key.
+    assert_eq!(
+        b.lookup(layout.fingerprint(), None, 256, &tokens)
+            .await
+            .unwrap()
+            .hit_tokens,
+        0
+    );
+    assert!(b.get(&[ka], true).await.unwrap()[0].is_none());
+    assert_eq!(b.delete(&[ka]).await.unwrap(), 0);
+    assert_eq!(
+        b.lease(&[ka], Duration::from_secs(1)).await.unwrap(),
+        vec![0]
+    );
+    assert!(a.get(&[ka], false).await.unwrap()[0].is_some());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_chunks_are_not_served_to_exact_readers() {
+    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let c = srv.client(&srv.tcp, None, "t").await.unwrap();
+    let mut m = meta(500, 0);
+    m.codec = 7;
+    m.fidelity = Fidelity::Lossy {
+        codec: 7,
+        error_bound: 0.01,
+    };
+    c.put(ChunkKey(9), &m, &payload(3, 500)).await.unwrap();
+    assert!(c.get(&[ChunkKey(9)], false).await.unwrap()[0].is_none());
+    let got = c.get(&[ChunkKey(9)], true).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().meta.fidelity, m.fidelity);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_paths_move_exact_bytes() {
+    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let c = srv.client(&srv.unix, None, "t").await.unwrap();
+    let data = payload(5, 3 << 20);
+    c.put(ChunkKey(77), &meta(data.len(), 0), &data)
+        .await
+        .unwrap();
+    // Zero-copy: map the arenas, read by location.
+    assert!(c.map_arenas().await.unwrap() >= 1);
+    let mut dst = Vec::new();
+    let got = c
+        .read_located(&[ChunkKey(77), ChunkKey(78)], false, &mut dst)
+        .await
+        .unwrap();
+    assert_eq!(&dst[got[0].clone().unwrap().1], &data[..]);
+    assert!(got[1].is_none());
+    assert_eq!(
+        srv.svc.store.stats().leases,
+        0,
+        "read_located releases its leases"
+    );
+    // Registered region: put from it, get into it.
+    let mut region = c.register_region(8 << 20).await.unwrap();
+    region.map[..data.len()].copy_from_slice(&data);
+    c.shm_put(
+        &region,
+        0,
+        data.len() as u64,
+        ChunkKey(80),
+        &meta(data.len(), 0),
+    )
+    .await
+    .unwrap();
+    let entries = c
+        .shm_get(&region, 4 << 20, 4 << 20, &[ChunkKey(80)], false)
+        .await
+        .unwrap();
+    let r = entries[0].clone().unwrap().1;
+    assert_eq!(r.start, 4 << 20);
+    assert_eq!(&region.map[r], &data[..]);
+    // Out-of-range windows are refused, not served.
+    let err = c
+        .shm_get(&region, 7 << 20, 4 << 20, &[ChunkKey(80)], false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err}");
+    // Over TCP, shared memory is refused with a clear error.
+    let t = srv.client(&srv.tcp, None, "t").await.unwrap();
+    assert!(t.map_arenas().await.is_err());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_host_tier_evicts_and_reports() {
+    // 4 MiB host, no disk: 1 MiB chunks; the oldest go.
+    let srv = TestServer::start(None, 4 << 20, 0).await;
+    let c = srv.client(&srv.tcp, None, "t").await.unwrap();
+    for i in 0..10u128 {
+        let d = payload(i as u64, 1 << 20);
+        c.put(ChunkKey(i + 1), &meta(d.len(), 0), &d).await.unwrap();
+    }
+    let got = c
+        .get(&(1..=10).map(ChunkKey).collect::<Vec<_>>(), false)
+        .await
+        .unwrap();
+    assert!(got[0].is_none(), "oldest evicted");
+    assert!(got[9].is_some(), "newest kept");
+    let stats = c.stats().await.unwrap();
+    assert!(stats["tiers"][0]["evictions"].as_u64().unwrap() >= 6);
+    assert!(stats["tiers"][0]["usage"]["bytes"].as_u64().unwrap() <= 4 << 20);
+    srv.stop().await;
+}
+
+/// Sends raw bytes on a fresh connection and returns whatever the server answers before closing.
+async fn garbage(addr: &str, bytes: Vec<u8>, then_stall: bool) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(&bytes).await;
+    if !then_stall {
+        let _ = s.shutdown().await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+fn valid_hello() -> Vec<u8> {
+    let h = kvtier::wire::HelloHeader {
+        protocol_version: kvtier::wire::VERSION,
+        auth_token: String::new(),
+        tenant: "x".into(),
+        client_name: "raw".into(),
+    };
+    kvtier::wire::frame_head(kvtier::wire::Opcode::Hello, 1, 0, &h, 0).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_connections_never_disturb_valid_clients() {
+    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let addr = srv.tcp.clone();
+    // Error frames come back for rule breaks (bad magic, bad version, unknown opcode, oversize).
+    let mut bad_magic = valid_hello();
+    bad_magic[0] = b'X';
+    let reply = garbage(&addr, bad_magic, false).await;
+    assert_eq!(&reply[..4], b"KVTW", "an error frame answers a bad magic");
+    assert_eq!(reply[5], kvtier::wire::Opcode::Error as u8);
+
+    let mut kinds: Vec<Vec<u8>> = Vec::new();
+    let hello = valid_hello();
+    let mut v = hello.clone();
+    v[4] = 9; // version
+    kinds.push(v);
+    let mut v = hello.clone();
+    v[5] = 0x55; // opcode
+    kinds.push(v);
+    let mut v = hello.clone();
+    v[16..20].copy_from_slice(&u32::MAX.to_le_bytes()); // header length
+    kinds.push(v);
+    let mut v = hello.clone();
+    v[28] ^= 0xff; // header checksum
+    kinds.push(v);
+    kinds.push(hello[..20].to_vec()); // truncated
+    let mut v = hello.clone();
+    // After a valid hello: a put announcing 2 GiB of payload.
+    let put = kvtier::wire::PutHeader {
+        key: 1,
+        meta: kvtier::wire::ChunkMetaWire::default(),
+    };
+    let mut head = kvtier::wire::frame_head(kvtier::wire::Opcode::Put, 2, 0, &put, 0).unwrap();
+    head[20..28].copy_from_slice(&(2u64 << 30).to_le_bytes());
+    v.extend_from_slice(&head);
+    kinds.push(v);
+    kinds.push((0..200u32).map(|i| (i * 37) as u8).collect()); // noise
+
+    let good = srv.client(&addr, None, "good").await.unwrap();
+    let mut handles = Vec::new();
+    for i in 0..1000usize {
+        let bytes = kinds[i % kinds.len()].clone();
+        let a = addr.clone();
+        handles.push(tokio::spawn(async move { garbage(&a, bytes, false).await }));
+        if i % 50 == 0 {
+            let d = payload(i as u64, 4096);
+            good.put(ChunkKey(i as u128 + 1), &meta(d.len(), 0), &d)
+                .await
+                .unwrap();
+            let got = good.get(&[ChunkKey(i as u128 + 1)], false).await.unwrap();
+            assert_eq!(&got[0].as_ref().unwrap().bytes[..], &d[..]);
+        }
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    // A slow sender that stalls mid-frame is cut off after the stall timeout.
+    let mut stalled = valid_hello();
+    stalled.truncate(40);
+    let t = std::time::Instant::now();
+    let reply = garbage(&addr, stalled, true).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stalled connection was closed by the server"
+    );
+    assert!(reply.is_empty() || &reply[..4] == b"KVTW");
+    // The valid client still works.
+    let fresh = srv.client(&addr, None, "good").await.unwrap();
+    assert!(fresh.get(&[ChunkKey(1)], false).await.unwrap()[0].is_some());
+    srv.stop().await;
+}
