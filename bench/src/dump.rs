@@ -73,18 +73,30 @@ impl KvDump {
 
     /// Reads a dump, checking every shape against the metadata.
     pub fn load(path: &Path) -> Result<KvDump> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading KV dump {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading KV dump {}", path.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("{} is not a safetensors file", path.display()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        let get = |k: &str| meta.get(k).cloned().with_context(|| format!("dump metadata lacks {k:?}"));
-        let num = |k: &str| -> Result<usize> { get(k)?.parse::<usize>().with_context(|| format!("metadata {k:?} is not a number")) };
+        let get = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .with_context(|| format!("dump metadata lacks {k:?}"))
+        };
+        let num = |k: &str| -> Result<usize> {
+            get(k)?
+                .parse::<usize>()
+                .with_context(|| format!("metadata {k:?} is not a number"))
+        };
         let layers = num("layers")?;
         let heads = num("heads")?;
         let kv_heads = num("kv_heads")?;
         let head_dim = num("head_dim")?;
-        ensure!(kv_heads > 0 && heads % kv_heads == 0, "heads {heads} is not a multiple of kv_heads {kv_heads}");
+        ensure!(
+            kv_heads > 0 && heads % kv_heads == 0,
+            "heads {heads} is not a multiple of kv_heads {kv_heads}"
+        );
         let token_ids = read_i32(&st, "token_ids")?;
         let tokens = token_ids.len();
         let kv_shape = [layers, kv_heads, tokens, head_dim];
@@ -92,7 +104,9 @@ impl KvDump {
         Ok(KvDump {
             model: get("model")?,
             arch: get("arch")?,
-            rope_base: get("rope_base")?.parse().context("metadata rope_base is not a number")?,
+            rope_base: get("rope_base")?
+                .parse()
+                .context("metadata rope_base is not a number")?,
             layers,
             heads,
             kv_heads,
@@ -111,14 +125,39 @@ impl KvDump {
     pub fn save(&self, path: &Path) -> Result<()> {
         let kv_shape = vec![self.layers, self.kv_heads, self.tokens, self.head_dim];
         let q_shape = vec![self.layers, self.heads, self.tokens, self.head_dim];
-        let to_f16 = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect() };
+        let to_f16 = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                .collect()
+        };
         let buffers: Vec<(&str, StDtype, Vec<usize>, Vec<u8>)> = vec![
             ("k", StDtype::F16, kv_shape.clone(), to_f16(&self.k)),
-            ("k_prerope", StDtype::F16, kv_shape.clone(), to_f16(&self.k_prerope)),
+            (
+                "k_prerope",
+                StDtype::F16,
+                kv_shape.clone(),
+                to_f16(&self.k_prerope),
+            ),
             ("v", StDtype::F16, kv_shape, to_f16(&self.v)),
             ("q", StDtype::F16, q_shape, to_f16(&self.q)),
-            ("layer_cos", StDtype::F32, vec![self.layers], self.layer_cos.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            ("token_ids", StDtype::I32, vec![self.tokens], self.token_ids.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            (
+                "layer_cos",
+                StDtype::F32,
+                vec![self.layers],
+                self.layer_cos
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            (
+                "token_ids",
+                StDtype::I32,
+                vec![self.tokens],
+                self.token_ids
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
         ];
         let views: Vec<(&str, TensorView<'_>)> = buffers
             .iter()
@@ -143,21 +182,44 @@ impl KvDump {
 }
 
 fn read_f32(st: &safetensors::SafeTensors<'_>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let t = st.tensor(name).with_context(|| format!("dump lacks tensor {name:?}"))?;
-    ensure!(t.shape() == shape, "tensor {name:?} has shape {:?}, expected {shape:?}", t.shape());
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("dump lacks tensor {name:?}"))?;
+    ensure!(
+        t.shape() == shape,
+        "tensor {name:?} has shape {:?}, expected {shape:?}",
+        t.shape()
+    );
     let data = t.data();
     Ok(match t.dtype() {
-        StDtype::F16 => data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StDtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        StDtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        StDtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        StDtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        StDtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         other => bail!("tensor {name:?} has dtype {other:?}; expected f16, bf16 or f32"),
     })
 }
 
 fn read_i32(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<Vec<i32>> {
-    let t = st.tensor(name).with_context(|| format!("dump lacks tensor {name:?}"))?;
-    ensure!(t.dtype() == StDtype::I32 && t.shape().len() == 1, "tensor {name:?} must be a 1-D i32 tensor");
-    Ok(t.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("dump lacks tensor {name:?}"))?;
+    ensure!(
+        t.dtype() == StDtype::I32 && t.shape().len() == 1,
+        "tensor {name:?} must be a 1-D i32 tensor"
+    );
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 #[cfg(test)]
@@ -194,7 +256,10 @@ mod tests {
         assert_eq!(back.token_ids, dump.token_ids);
         assert_eq!(back.rope_base, 100000.0);
         assert_eq!(back.kv_head_of(3), 1);
-        assert_eq!(&back.k_rows(1, 1)[..2], &dump.k[dump.kv_index(1, 1, 0)..][..2]);
+        assert_eq!(
+            &back.k_rows(1, 1)[..2],
+            &dump.k[dump.kv_index(1, 1, 0)..][..2]
+        );
     }
 
     #[test]

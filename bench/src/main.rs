@@ -7,11 +7,15 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod dump;
+mod model;
 mod report;
 mod suites;
 
 #[derive(Parser)]
-#[command(name = "kvtier-bench", about = "kvtier benchmark suites and real-KV tools")]
+#[command(
+    name = "kvtier-bench",
+    about = "kvtier benchmark suites and real-KV tools"
+)]
 struct Cli {
     #[command(subcommand)]
     suite: Suite,
@@ -21,10 +25,31 @@ struct Cli {
 enum Suite {
     /// Core store: host and disk tier throughput vs memcpy/raw file I/O, prefix lookup, hashing.
     Store(suites::store::Args),
+    /// Data plane: TCP, Unix socket and shared-memory gets vs a raw socket and Redis; lookup latency.
+    Wire(suites::wire::Args),
+    /// Load: hundreds of concurrent clients doing put/get for a fixed time; errors and memory.
+    Load(suites::load::Args),
+    /// Codecs on real KV: lossless planes, KIVI int8/int4, fp8, xKV vs per-layer SVD (--kv DUMP).
+    Compress(suites::compress::Args),
+    /// Real KV capture: runs SmolLM2-135M on prose and writes a KV dump (DESIGN.md).
+    Capture(suites::capture::Args),
+    /// Long-context key retrieval: exact, HNSW and attention-aware top-k on a KV dump.
+    Retrieval(suites::retrieval::Args),
+    /// Layer-wise KV budgets: uniform vs SqueezeAttention allocation, streaming and H2O selection.
+    Budget(suites::budget::Args),
+    /// Reference engine: SmolLM2 greedy generation reusing prefix KV through kvtier; cold vs warm TTFT.
+    Engine(suites::engine::Args),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().suite {
         Suite::Store(a) => suites::store::run(a),
+        Suite::Wire(a) => suites::wire::run(a),
+        Suite::Load(a) => suites::load::run(a),
+        Suite::Compress(a) => suites::compress::run(a),
+        Suite::Capture(a) => suites::capture::run(a),
+        Suite::Retrieval(a) => suites::retrieval::run(a),
+        Suite::Budget(a) => suites::budget::run(a),
+        Suite::Engine(a) => suites::engine::run(a),
     }
 }

@@ -81,7 +81,12 @@ pub(super) async fn stat(r: &Remote) -> Result<()> {
         "tier", "chunks", "bytes", "budget", "hits", "misses", "evicted", "promoted", "demoted"
     );
     for t in s["tiers"].as_array().into_iter().flatten() {
-        let u = &t["usage"];
+        // Tier figures are flat in the HTTP stats; the wire's StoreStats nests them in `usage`.
+        let u = if t.get("usage").is_some() {
+            &t["usage"]
+        } else {
+            t
+        };
         println!(
             "{:<7} {:>8} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
             t["tier"].as_str().unwrap_or("?"),

@@ -433,6 +433,39 @@ impl DiskTier {
         Ok(Some((header.seq, seg, present)))
     }
 
+    /// Reads the payload of `key` into `dst` (resized to fit; old contents are overwritten, not
+    /// zeroed first) and verifies its checksum. `Ok(None)` when absent.
+    pub fn read_into(&self, key: ChunkKey, dst: &mut Vec<u8>) -> Result<Option<ChunkMeta>> {
+        for _ in 0..8 {
+            let Some(e) = self.index.get(&key).map(|e| *e) else {
+                return Ok(None);
+            };
+            let Some(seg) = self.segments.get(&e.segment).map(|s| s.clone()) else {
+                continue; // moved by a compaction: look again
+            };
+            let n = e.payload_len as usize;
+            if dst.len() >= n {
+                dst.truncate(n);
+            } else {
+                dst.resize(n, 0);
+            }
+            let crc = seg.read_checked_into(e.offset + HEADER_LEN as u64, dst)?;
+            if crc != e.payload_crc {
+                self.drop_corrupt(key, &e);
+                return Err(CacheError::Corrupt(format!(
+                    "payload checksum mismatch for chunk {key} at offset {} of {}",
+                    e.offset,
+                    seg.path.display()
+                )));
+            }
+            return Ok(Some(e.meta));
+        }
+        Err(CacheError::Backend {
+            tier: TierKind::Disk,
+            message: format!("chunk {key} kept moving during the read"),
+        })
+    }
+
     /// Reads the payload of `e`; `Ok(None)` when its segment vanished under a compaction.
     fn read_payload(&self, key: ChunkKey, e: &IndexEntry) -> Result<Option<Bytes>> {
         let Some(seg) = self.segments.get(&e.segment).map(|s| s.clone()) else {

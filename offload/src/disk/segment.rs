@@ -134,12 +134,18 @@ impl Segment {
     /// in the returned buffer.
     pub fn read_checked(&self, offset: u64, len: usize) -> Result<(Vec<u8>, u32)> {
         let mut buf = vec![0u8; len];
-        if len < PIPELINED_READ_BYTES {
-            self.read_exact_at(&mut buf, offset)?;
-            let crc = super::record::payload_checksum(&buf);
-            return Ok((buf, crc));
+        let crc = self.read_checked_into(offset, &mut buf)?;
+        Ok((buf, crc))
+    }
+
+    /// Like [`Segment::read_checked`], into a caller's buffer (reused buffers skip the
+    /// allocation and page faults of a fresh one).
+    pub fn read_checked_into(&self, offset: u64, buf: &mut [u8]) -> Result<u32> {
+        if buf.len() < PIPELINED_READ_BYTES {
+            self.read_exact_at(buf, offset)?;
+            return Ok(super::record::payload_checksum(buf));
         }
-        let crc = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let (tx, rx) = std::sync::mpsc::channel::<&[u8]>();
             let checksummer = s.spawn(move || rx.into_iter().fold(0u32, crc32c::crc32c_append));
             let mut at = offset;
@@ -152,8 +158,7 @@ impl Segment {
             }
             drop(tx);
             Ok::<u32, CacheError>(checksummer.join().expect("checksum thread"))
-        })?;
-        Ok((buf, crc))
+        })
     }
 
     /// Makes the segment's data durable.

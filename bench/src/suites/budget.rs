@@ -1,0 +1,290 @@
+//! `budget` suite: layer-wise KV budgets (SqueezeAttention) on a real KV dump.
+//!
+//! The last `--eval` positions of the dump are decode steps; the prompt before them
+//! (`prompt = tokens − eval`) is cut to a total budget of 10/20/30/50% of its tokens summed
+//! over layers, allocated either uniformly or squeezed (layers clustered by `layer_cos` into
+//! three groups; the highest-cosine group gets `p` × the uniform share, the rest is spread over
+//! the other layers), and each layer keeps its tokens by one of two policies:
+//!
+//! - `streaming` (StreamingLLM): `--sinks` first tokens plus the most recent prompt tokens;
+//! - `h2o`: sinks, a recent window of half the remaining budget, and the heavy hitters by
+//!   accumulated attention: each prompt key's softmax weight summed over the query heads and
+//!   over prompt query positions (causal), every `stride`-th position to bound the cost.
+//!
+//! The figure is the relative L2 error of each head's attention output at each decode position
+//! (attending to the kept prompt tokens plus the decode tokens so far) against full attention,
+//! averaged over heads and positions per layer, then over layers. Headline figures
+//! (`uniform_err_10`, `squeeze_err_10`, ...) use the h2o policy; `_streaming` figures the
+//! other; `_w` figures weight layers by `1 − layer_cos` (how much attention moves the residual
+//! stream), a proxy for how much a layer's error matters downstream.
+//!
+//! `--write-selection FILE` writes `{"tokens", "prompt", "p", "groups": [label per layer],
+//! "settings": [{"fraction", "allocation", "policy", "budgets": [per layer], "kept": [[positions]
+//! per layer]}]}`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use kvtier_index::{
+    AttnPartial, MatrixView, SelectionPolicy, cap_budgets, dot, kmeans_layers, relative_error,
+    select_tokens, squeezed_budgets, uniform_budgets,
+};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::dump::KvDump;
+use crate::report::Figures;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// KV dump (safetensors, DESIGN.md format).
+    #[arg(long)]
+    pub kv: PathBuf,
+    /// Short run (under a minute on 2 cores): fewer decode positions, sparser H2O scores.
+    #[arg(long)]
+    pub quick: bool,
+    /// Fraction of the uniform share given to the least important layer group.
+    #[arg(long, default_value_t = 0.5)]
+    pub p: f64,
+    /// Attention sinks every policy keeps.
+    #[arg(long, default_value_t = 4)]
+    pub sinks: usize,
+    /// Trailing positions used as decode queries.
+    #[arg(long, default_value_t = 16)]
+    pub eval: usize,
+    /// Writes every setting's per-layer budgets and kept positions as JSON.
+    #[arg(long)]
+    pub write_selection: Option<PathBuf>,
+}
+
+const FRACTIONS: [f64; 4] = [0.1, 0.2, 0.3, 0.5];
+const POLICIES: [&str; 2] = ["h2o", "streaming"];
+
+/// H2O's accumulated attention per prompt token of one layer, summed over query heads and
+/// over every `stride`-th prompt query position (causal softmax over the prompt).
+fn accumulated_attention(dump: &KvDump, layer: usize, prompt: usize, stride: usize) -> Vec<f32> {
+    let d = dump.head_dim;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut acc = vec![0.0f64; prompt];
+    for h in 0..dump.heads {
+        let keys = &dump.k_rows(layer, dump.kv_head_of(h))[..prompt * d];
+        let q = dump.q_rows(layer, h);
+        let mut scores = Vec::with_capacity(prompt);
+        for i in (0..prompt).step_by(stride) {
+            let qi = &q[i * d..(i + 1) * d];
+            scores.clear();
+            scores.extend((0..=i).map(|j| dot(&keys[j * d..(j + 1) * d], qi) * scale));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (a, s) in acc.iter_mut().zip(&scores) {
+                *a += ((s - max).exp() / sum) as f64;
+            }
+        }
+    }
+    acc.into_iter().map(|a| a as f32).collect()
+}
+
+/// Mean relative attention error of one layer over heads and decode positions when the prompt
+/// keeps only `kept`.
+fn layer_error(
+    dump: &KvDump,
+    layer: usize,
+    prompt: usize,
+    kept: &[u32],
+    full: &[Vec<f32>],
+) -> Result<f64> {
+    let d = dump.head_dim;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut total = 0.0;
+    let mut n = 0;
+    for h in 0..dump.heads {
+        let kv = dump.kv_head_of(h);
+        let (keys, values) = (
+            MatrixView::new(dump.k_rows(layer, kv), d)?,
+            MatrixView::new(dump.v_rows(layer, kv), d)?,
+        );
+        for p in prompt..dump.tokens {
+            let q = &dump.q_rows(layer, h)[p * d..(p + 1) * d];
+            let old = AttnPartial::over(q, keys, values, kept.iter().map(|&x| x as usize), scale);
+            let new = AttnPartial::over(q, keys, values, prompt..=p, scale);
+            total += relative_error(
+                &old.merge(&new).output(),
+                &full[h * (dump.tokens - prompt) + p - prompt],
+            );
+            n += 1;
+        }
+    }
+    Ok(total / n as f64)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let t0 = Instant::now();
+    let dump = KvDump::load(&args.kv)?;
+    let eval = if args.quick {
+        args.eval.min(8)
+    } else {
+        args.eval
+    };
+    ensure!(
+        eval > 0 && eval < dump.tokens / 2,
+        "--eval must be in 1..tokens/2"
+    );
+    let prompt = dump.tokens - eval;
+    // Bound the H2O score cost to about 2048 (quick: 256) query positions per head.
+    let stride = prompt.div_ceil(if args.quick { 256 } else { 2048 });
+    let d = dump.head_dim;
+    let layers = dump.layers;
+    let groups = kmeans_layers(&dump.layer_cos)?;
+    let squeezed = groups.least_important();
+    println!(
+        "budget: {} ({} tokens, prompt {prompt}, {eval} decode positions, {layers} layers), loaded in {:.1}s",
+        args.kv.display(),
+        dump.tokens,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "layer_cos: {:?}",
+        dump.layer_cos
+            .iter()
+            .map(|c| (c * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "groups (0 = most important): {:?}, centroids {:?}; squeezed layers {squeezed:?}, p {}",
+        groups.labels,
+        groups
+            .centroids
+            .iter()
+            .map(|c| (c * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>(),
+        args.p
+    );
+
+    let t = Instant::now();
+    let scores: Vec<Vec<f32>> = (0..layers)
+        .into_par_iter()
+        .map(|l| accumulated_attention(&dump, l, prompt, stride))
+        .collect();
+    println!(
+        "h2o scores (every {stride}th prompt query) in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let scale = 1.0 / (d as f32).sqrt();
+    // Full attention per (layer, head, decode position), computed once for all settings.
+    let full: Vec<Vec<Vec<f32>>> = (0..layers)
+        .into_par_iter()
+        .map(|l| -> Result<Vec<Vec<f32>>> {
+            let mut out = Vec::new();
+            for h in 0..dump.heads {
+                let kv = dump.kv_head_of(h);
+                let (keys, values) = (
+                    MatrixView::new(dump.k_rows(l, kv), d)?,
+                    MatrixView::new(dump.v_rows(l, kv), d)?,
+                );
+                for p in prompt..dump.tokens {
+                    out.push(kvtier_index::full_attention(
+                        &dump.q_rows(l, h)[p * d..(p + 1) * d],
+                        keys,
+                        values,
+                        p + 1,
+                        scale,
+                    ));
+                }
+            }
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+
+    let weights: Vec<f64> = dump
+        .layer_cos
+        .iter()
+        .map(|c| (1.0 - *c as f64).max(0.0))
+        .collect();
+    let wsum: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut f = Figures::new("budget");
+    let mut settings = Vec::new();
+    println!(
+        "\n{:<10} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "policy", "frac", "uniform", "squeeze", "ratio", "uniform_w", "squeeze_w"
+    );
+    for policy_name in POLICIES {
+        for frac in FRACTIONS {
+            let total = (frac * (prompt * layers) as f64).round() as usize;
+            let mut errs = [(0.0f64, 0.0f64); 2];
+            for (ai, allocation) in ["uniform", "squeeze"].into_iter().enumerate() {
+                let budgets = match allocation {
+                    "uniform" => uniform_budgets(total, layers)?,
+                    _ => cap_budgets(&squeezed_budgets(total, layers, &squeezed, args.p)?, prompt),
+                };
+                let kept: Vec<Vec<u32>> = (0..layers)
+                    .map(|l| {
+                        let policy = match policy_name {
+                            "h2o" => SelectionPolicy::HeavyHitters {
+                                sinks: args.sinks,
+                                recent_ratio: 0.5,
+                            },
+                            _ => SelectionPolicy::Streaming { sinks: args.sinks },
+                        };
+                        // A layer squeezed below the sinks keeps just the first tokens it can.
+                        let b = budgets[l].max(args.sinks.min(prompt));
+                        select_tokens(policy, prompt, b, Some(&scores[l]))
+                            .context("selecting tokens")
+                    })
+                    .collect::<Result<_>>()?;
+                let per_layer: Vec<f64> = (0..layers)
+                    .into_par_iter()
+                    .map(|l| layer_error(&dump, l, prompt, &kept[l], &full[l]))
+                    .collect::<Result<_>>()?;
+                let mean = per_layer.iter().sum::<f64>() / layers as f64;
+                let weighted = per_layer
+                    .iter()
+                    .zip(&weights)
+                    .map(|(e, w)| e * w)
+                    .sum::<f64>()
+                    / wsum;
+                errs[ai] = (mean, weighted);
+                if args.write_selection.is_some() {
+                    settings.push(json!({"fraction": frac, "allocation": allocation, "policy": policy_name, "budgets": budgets, "kept": kept}));
+                }
+            }
+            let [(u, uw), (s, sw)] = errs;
+            println!(
+                "{:<10} {:>5.2} {:>10.4} {:>10.4} {:>10.3} {:>10.4} {:>10.4}",
+                policy_name,
+                frac,
+                u,
+                s,
+                s / u,
+                uw,
+                sw
+            );
+            let pct = (frac * 100.0).round() as usize;
+            let suffix = if policy_name == "h2o" {
+                String::new()
+            } else {
+                format!("_{policy_name}")
+            };
+            f.num(&format!("uniform_err_{pct}{suffix}"), u);
+            f.num(&format!("squeeze_err_{pct}{suffix}"), s);
+            f.num(&format!("squeeze_vs_uniform_{pct}{suffix}"), s / u);
+            f.num(&format!("uniform_werr_{pct}{suffix}"), uw);
+            f.num(&format!("squeeze_werr_{pct}{suffix}"), sw);
+        }
+    }
+    if let Some(path) = &args.write_selection {
+        let doc = json!({"tokens": dump.tokens, "prompt": prompt, "p": args.p, "groups": groups.labels, "settings": settings});
+        std::fs::write(path, serde_json::to_vec(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    f.set("headline_policy", "h2o");
+    f.num("p", args.p);
+    f.set("tokens", dump.tokens);
+    f.set("prompt", prompt);
+    f.set("squeezed_layers", squeezed.len());
+    f.set("h2o_score_stride", stride);
+    f.num("seconds", t0.elapsed().as_secs_f64());
+    f.print();
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! The codec trait, the stable codec ids, and decoding a container by its own codec id.
+
+use kvtier_cache::Fidelity;
+use kvtier_cache::tier::CODEC_RAW;
+
+use crate::container;
+use crate::error::{CompressError, Result};
+
+/// Plain lz4 block over the raw bytes (lossless baseline).
+pub const CODEC_LZ4: u16 = 1;
+/// Byte planes (+ token XOR of the top plane) + lz4 (lossless).
+pub const CODEC_PLANES_LZ4: u16 = 2;
+/// KIVI int8: keys per channel, values per token.
+pub const CODEC_KIVI_INT8: u16 = 3;
+/// KIVI int4: keys per channel, values per token.
+pub const CODEC_KIVI_INT4: u16 = 4;
+/// FP8 E4M3 with per-token-row scales.
+pub const CODEC_FP8_E4M3: u16 = 5;
+/// xKV cross-layer SVD chunk (needs its basis to decode).
+pub const CODEC_XKV: u16 = 6;
+/// An xKV basis record (not a chunk).
+pub const CODEC_XKV_BASIS: u16 = 0x100;
+
+/// Whether a chunk codec id is known to this build (the raw codec included).
+pub fn is_known(id: u16) -> bool {
+    matches!(
+        id,
+        CODEC_RAW
+            | CODEC_LZ4
+            | CODEC_PLANES_LZ4
+            | CODEC_KIVI_INT8
+            | CODEC_KIVI_INT4
+            | CODEC_FP8_E4M3
+            | CODEC_XKV
+    )
+}
+
+/// A chunk codec. Encoded output is always a [`container`], so it names its codec and carries
+/// every parameter decode needs.
+pub trait Codec: Send + Sync {
+    /// Stable codec id written into every container.
+    fn id(&self) -> u16;
+
+    /// What a decoded chunk is relative to the input.
+    fn fidelity(&self) -> Fidelity;
+
+    /// Encodes one raw chunk payload.
+    fn encode(&self, raw: &[u8]) -> Result<Vec<u8>>;
+
+    /// Decodes a container produced by this codec back to a raw payload.
+    fn decode(&self, encoded: &[u8]) -> Result<Vec<u8>>;
+}
+
+/// The codec id and fidelity an encoded chunk declares, after verifying the container.
+pub fn inspect(encoded: &[u8]) -> Result<(u16, Fidelity)> {
+    let c = container::parse(encoded)?;
+    let fidelity = match c.codec {
+        CODEC_LZ4 | CODEC_PLANES_LZ4 => Fidelity::Lossless,
+        CODEC_KIVI_INT8 => Fidelity::Lossy {
+            codec: c.codec,
+            error_bound: crate::quant::Kivi::error_bound(8),
+        },
+        CODEC_KIVI_INT4 => Fidelity::Lossy {
+            codec: c.codec,
+            error_bound: crate::quant::Kivi::error_bound(4),
+        },
+        CODEC_FP8_E4M3 => Fidelity::Lossy {
+            codec: c.codec,
+            error_bound: crate::fp8::FP8_REL_BOUND,
+        },
+        CODEC_XKV => crate::xkv::chunk_fidelity(&c)?,
+        other => return Err(CompressError::UnknownCodec(other)),
+    };
+    Ok((c.codec, fidelity))
+}
+
+/// Decodes any container whose codec needs no external state. xKV chunks need their basis:
+/// use [`crate::xkv::xkv_decode`].
+pub fn decode_any(encoded: &[u8]) -> Result<(Fidelity, Vec<u8>)> {
+    let (codec, fidelity) = inspect(encoded)?;
+    let raw = match codec {
+        CODEC_LZ4 => crate::lossless::decode_plain(encoded)?,
+        CODEC_PLANES_LZ4 => crate::lossless::decode_planes(encoded)?,
+        CODEC_KIVI_INT8 | CODEC_KIVI_INT4 => crate::quant::decode_kivi(encoded)?,
+        CODEC_FP8_E4M3 => crate::fp8::decode_fp8(encoded)?,
+        CODEC_XKV => return Err(CompressError::NeedsBasis(codec)),
+        other => return Err(CompressError::UnknownCodec(other)),
+    };
+    Ok((fidelity, raw))
+}
