@@ -133,7 +133,7 @@ impl TensorInfo {
         let (per_block, bytes) = self.ty.block();
         let n = self.elements();
         ensure!(
-            n % per_block == 0,
+            n.is_multiple_of(per_block),
             "tensor {} has {n} elements, not a multiple of its block of {per_block}",
             self.name
         );
@@ -388,7 +388,7 @@ impl<'a> Reader<'a> {
         let n = self.u64()?;
         ensure!(n <= MAX_STRING, "string length {n} is implausibly large");
         let b = self.take(n as usize)?;
-        Ok(String::from_utf8(b.to_vec()).context("string is not UTF-8")?)
+        String::from_utf8(b.to_vec()).context("string is not UTF-8")
     }
 
     fn value(&mut self, ty: u32) -> Result<Value> {

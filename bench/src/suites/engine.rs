@@ -427,14 +427,14 @@ fn prefix(
 fn question_prompt(model: &Model, doc: &[u32], q: &str) -> Result<Vec<u32>> {
     let mut p = doc.to_vec();
     p.extend(model.tokenizer.encode_with_special(&format!(
-        "\n\nQuestion: {q}<|im_end|>\n<|im_start|>assistant\n"
+        "\n\nQuestion: {q} Answer in one short sentence and quote the document where it helps.<|im_end|>\n<|im_start|>assistant\n"
     ))?);
     Ok(p)
 }
 
 fn user_turn(model: &Model, msg: &str) -> Result<Vec<u32>> {
     model.tokenizer.encode_with_special(&format!(
-        "<|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\n{msg} Please keep it short and stick to the text above.<|im_end|>\n<|im_start|>assistant\n"
     ))
 }
 

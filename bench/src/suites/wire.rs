@@ -39,18 +39,23 @@ fn gbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
-/// Median GB/s of `reps` rounds of `n` transfers of `len` bytes each, timed by `round`.
-async fn rounds<F, Fut>(reps: usize, n: usize, len: usize, mut round: F) -> Result<f64>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
+/// Median GB/s over `reps` rounds (after one warm-up round that touches buffers and page
+/// tables) of `n` transfers of `len` bytes, transfer `i` done by `one(i)`.
+async fn timed<F: AsyncFnMut(usize) -> Result<()>>(
+    reps: usize,
+    n: usize,
+    len: usize,
+    mut one: F,
+) -> Result<f64> {
     let mut xs = Vec::new();
-    round().await?; // warm-up: touches buffers and page tables
-    for _ in 0..reps {
+    for r in 0..=reps {
         let t = Instant::now();
-        round().await?;
-        xs.push(gbps(len * n, t.elapsed()));
+        for i in 0..n {
+            one(i).await?;
+        }
+        if r > 0 {
+            xs.push(gbps(len * n, t.elapsed()));
+        }
     }
     Ok(median(&xs))
 }
@@ -178,27 +183,6 @@ fn start_redis(dir: &Path) -> Result<Redis> {
     bail!("redis-server did not start listening on port {port}")
 }
 
-/// Median GB/s of GETs of the `n` values set under `k{len}-{i}`.
-async fn redis_rounds<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Resp<S>,
-    len: usize,
-    n: usize,
-    reps: usize,
-    buf: &mut [u8],
-) -> Result<f64> {
-    let mut xs = Vec::new();
-    for r in 0..=reps {
-        let t = Instant::now();
-        for i in 0..n {
-            c.get(&format!("k{len}-{i}"), buf).await?;
-        }
-        if r > 0 {
-            xs.push(gbps(len * n, t.elapsed()));
-        }
-    }
-    Ok(median(&xs))
-}
-
 // ---- the suite -----------------------------------------------------------------------------
 
 struct SizeFigures {
@@ -227,11 +211,8 @@ async fn measure_size(
         .map(|i| ChunkKey((len as u128) << 32 | i))
         .collect();
     let meta = ChunkMeta::raw(0, 1, 256, 0, len as u64);
-    let tcp_put = rounds(reps, n, len, || async {
-        for k in &keys {
-            tcp.put(*k, &meta, &data).await?;
-        }
-        Ok(())
+    let tcp_put = timed(reps, n, len, async |i| {
+        Ok(tcp.put(keys[i], &meta, &data).await?)
     })
     .await?;
     let mut buf = Vec::new();
@@ -241,94 +222,51 @@ async fn measure_size(
         }
         Ok(())
     };
-    let tcp_get = {
-        let mut xs = Vec::new();
-        for r in 0..=reps {
-            let t = Instant::now();
-            for k in &keys {
-                let (e, b) = tcp.get_into(&[*k], false, std::mem::take(&mut buf)).await?;
-                buf = b;
-                e[0].as_ref().context("chunk missing")?;
-            }
-            if r > 0 {
-                xs.push(gbps(len * n, t.elapsed()));
-            }
-        }
+    let mut socket_get = async |c: &Client| {
+        let g = timed(reps, n, len, async |i| {
+            let (e, b) = c
+                .get_into(&[keys[i]], false, std::mem::take(&mut buf))
+                .await?;
+            buf = b;
+            e[0].as_ref().context("chunk missing")?;
+            Ok(())
+        })
+        .await?;
         check(&buf)?;
-        median(&xs)
+        anyhow::Ok(g)
     };
-    let uds_get = {
-        let mut xs = Vec::new();
-        for r in 0..=reps {
-            let t = Instant::now();
-            for k in &keys {
-                let (e, b) = uds.get_into(&[*k], false, std::mem::take(&mut buf)).await?;
-                buf = b;
-                e[0].as_ref().context("chunk missing")?;
-            }
-            if r > 0 {
-                xs.push(gbps(len * n, t.elapsed()));
-            }
-        }
-        check(&buf)?;
-        median(&xs)
-    };
+    let tcp_get = socket_get(tcp).await?;
+    let uds_get = socket_get(uds).await?;
     uds.map_arenas().await?;
-    let shm_get = {
-        let mut xs = Vec::new();
-        for r in 0..=reps {
-            let t = Instant::now();
-            for k in &keys {
-                let e = uds.read_located(&[*k], false, &mut buf).await?;
-                e[0].as_ref().context("chunk missing")?;
-            }
-            if r > 0 {
-                xs.push(gbps(len * n, t.elapsed()));
-            }
-        }
-        check(&buf)?;
-        median(&xs)
-    };
+    let shm_get = timed(reps, n, len, async |i| {
+        let e = uds.read_located(&[keys[i]], false, &mut buf).await?;
+        e[0].as_ref().context("chunk missing")?;
+        Ok(())
+    })
+    .await?;
+    check(&buf)?;
     let mut rbuf = vec![0u8; len];
     let mut s = TcpStream::connect(raw_tcp_addr).await?;
     s.set_nodelay(true)?;
-    let raw_tcp = {
-        let mut xs = Vec::new();
-        for r in 0..=reps {
-            let t = Instant::now();
-            for _ in 0..n {
-                raw_get(&mut s, &mut rbuf).await?;
-            }
-            if r > 0 {
-                xs.push(gbps(len * n, t.elapsed()));
-            }
-        }
-        median(&xs)
-    };
+    let raw_tcp = timed(reps, n, len, async |_| raw_get(&mut s, &mut rbuf).await).await?;
     let mut s = UnixStream::connect(raw_uds_path).await?;
-    let raw_uds = {
-        let mut xs = Vec::new();
-        for r in 0..=reps {
-            let t = Instant::now();
-            for _ in 0..n {
-                raw_get(&mut s, &mut rbuf).await?;
-            }
-            if r > 0 {
-                xs.push(gbps(len * n, t.elapsed()));
-            }
-        }
-        median(&xs)
-    };
+    let raw_uds = timed(reps, n, len, async |_| raw_get(&mut s, &mut rbuf).await).await?;
     let mut rt = Resp::new(TcpStream::connect(("127.0.0.1", redis.port)).await?);
     let mut ru = Resp::new(UnixStream::connect(&redis.socket).await?);
     for i in 0..n {
         rt.set(&format!("k{len}-{i}"), &data).await?;
     }
-    let redis_tcp_get = redis_rounds(&mut rt, len, n, reps, &mut rbuf).await?;
+    let redis_tcp_get = timed(reps, n, len, async |i| {
+        rt.get(&format!("k{len}-{i}"), &mut rbuf).await
+    })
+    .await?;
     if rbuf != data {
         bail!("redis returned wrong bytes");
     }
-    let redis_uds_get = redis_rounds(&mut ru, len, n, reps, &mut rbuf).await?;
+    let redis_uds_get = timed(reps, n, len, async |i| {
+        ru.get(&format!("k{len}-{i}"), &mut rbuf).await
+    })
+    .await?;
     tcp.delete(&keys).await?;
     Ok(SizeFigures {
         tcp_get,
