@@ -90,14 +90,14 @@ pub(super) async fn stat(r: &Remote) -> Result<()> {
         println!(
             "{:<7} {:>8} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
             t["tier"].as_str().unwrap_or("?"),
-            u["chunks"],
+            u["chunks"].to_string(),
             human_bytes(num(&u["bytes"])),
             human_bytes(num(&u["budget"])),
-            t["hits"],
-            t["misses"],
-            t["evictions"],
-            t["promotions"],
-            t["demotions"]
+            t["hits"].to_string(),
+            t["misses"].to_string(),
+            t["evictions"].to_string(),
+            t["promotions"].to_string(),
+            t["demotions"].to_string()
         );
     }
     Ok(())
@@ -142,8 +142,8 @@ pub(super) async fn ls(a: LsArgs) -> Result<()> {
         println!(
             "{:<34} {:>6} {:>7} {:>11} {:<10} {:<10}",
             c["key"].as_str().unwrap_or("?"),
-            c["depth"],
-            c["tokens"],
+            c["depth"].to_string(),
+            c["tokens"].to_string(),
             human_bytes(num(&c["size"])),
             tiers_text(&c["tiers"]),
             fidelity_text(&c["fidelity"])

@@ -62,7 +62,7 @@ enum Command {
     Serve(ServeArgs),
     /// Store statistics per tier: chunks, bytes, budget, hits, misses, evictions.
     Stat(Remote0),
-    /// List chunks (newest keys first page by page; --after to continue).
+    /// List chunks in key order, a page at a time (--after <last key> continues).
     Ls(control::LsArgs),
     /// Show one chunk: layout, tiers, size, fidelity, leases; --verify checks its checksums.
     Show(control::ShowArgs),
