@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod dump;
+mod inproc;
 mod model;
 mod report;
 mod suites;

@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use kvtier::client::{Client, ClientOptions};
-use kvtier::config::ServeConfig;
-use kvtier::server::{Listeners, run as run_server};
-use kvtier::service::Service;
 use kvtier_cache::{ChunkKey, ChunkMeta};
 
+use crate::inproc::InProcessServer;
 use crate::report::Figures;
 
 #[derive(clap::Args)]
@@ -38,15 +36,7 @@ const HOST_BUDGET: u64 = 256 << 20;
 const KEYS: u64 = 4096; // 1 GiB of distinct chunks: four times the host budget
 
 fn payload_for(key: u64) -> Vec<u8> {
-    let mut x = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..CHUNK / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect()
+    crate::inproc::payload(CHUNK, key)
 }
 
 /// Resident memory of this process, from /proc (kB → bytes), and its peak.
@@ -64,33 +54,14 @@ fn rss() -> (u64, u64) {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::inproc::runtime()?.block_on(run_async(args))
 }
 
 async fn run_async(args: Args) -> Result<()> {
     let clients = args.clients.unwrap_or(if args.quick { 64 } else { 256 });
     let secs = args.seconds.unwrap_or(if args.quick { 10 } else { 30 });
-    let dir = tempfile::tempdir()?;
-    let config = ServeConfig {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".parse()?,
-        http: "127.0.0.1:0".parse()?,
-        host_bytes: HOST_BUDGET,
-        disk_bytes: 0,
-        max_in_flight: 16,
-        ..ServeConfig::default()
-    };
-    let svc = Service::open(config)?;
-    let listeners = Listeners::bind(&svc).await?;
-    let addr = listeners.data.local_addr()?.to_string();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run_server(svc.clone(), listeners, async move {
-        let _ = stop_rx.await;
-    }));
+    let server = InProcessServer::start(HOST_BUDGET, |c| c.max_in_flight = 16)?;
+    let addr = server.tcp.clone();
     let (rss_before, _) = rss();
     let ops = Arc::new(AtomicU64::new(0));
     let hits = Arc::new(AtomicU64::new(0));
@@ -149,10 +120,9 @@ async fn run_async(args: Args) -> Result<()> {
         }
     }
     let (_, peak) = rss();
-    let stats = svc.store.stats();
+    let stats = server.svc.store.stats();
     let host = &stats.tiers[0];
-    let _ = stop_tx.send(());
-    server.await??;
+    server.stop()?;
 
     let ops = ops.load(Ordering::Relaxed);
     let gbps = bytes.load(Ordering::Relaxed) as f64 / secs as f64 / 1e9;

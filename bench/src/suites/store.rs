@@ -22,6 +22,7 @@ use kvtier_cache::{
 };
 use kvtier_offload::{DiskConfig, DiskTier, Durability};
 
+use crate::inproc::payload;
 use crate::report::{Figures, median, percentile};
 
 #[derive(clap::Args)]
@@ -36,18 +37,6 @@ pub struct Args {
 
 fn gbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
-}
-
-fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect()
 }
 
 struct HostFigures {

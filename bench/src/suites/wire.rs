@@ -21,11 +21,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use kvtier::client::{Client, ClientOptions};
-use kvtier::config::ServeConfig;
-use kvtier::server::{Listeners, run as run_server};
-use kvtier::service::Service;
 use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout, Namespace};
 
+use crate::inproc::InProcessServer;
 use crate::report::{Figures, median, percentile};
 
 #[derive(clap::Args)]
@@ -349,51 +347,38 @@ async fn measure_concurrent(addr: &str, clients: usize, per_client: usize) -> Re
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::inproc::runtime()?.block_on(run_async(args))
 }
 
 async fn run_async(args: Args) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = ServeConfig {
-        data_dir: dir.path().join("data"),
-        listen: "127.0.0.1:0".parse()?,
-        http: "127.0.0.1:0".parse()?,
-        host_bytes: 2 << 30,
-        disk_bytes: 0,
-        ..ServeConfig::default()
-    };
-    let svc = Service::open(config)?;
-    let listeners = Listeners::bind(&svc).await?;
-    let tcp_addr = listeners.data.local_addr()?.to_string();
-    let uds_addr = format!(
-        "unix:{}",
-        listeners.unix.as_ref().context("unix socket")?.1.display()
-    );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run_server(svc.clone(), listeners, async move {
-        let _ = stop_rx.await;
-    }));
+    let server = InProcessServer::start(2 << 30, |_| {})?;
+    let (tcp_addr, uds_addr) = (server.tcp.clone(), server.unix.clone());
 
-    // Raw baselines serve the same bytes.
+    // Raw baselines serve the same bytes, from the server's side (its runtime and threads).
     let big = Arc::new(vec![7u8; 32 << 20]);
-    let raw_tcp = TcpListener::bind("127.0.0.1:0").await?;
+    let raw_tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    raw_tcp.set_nonblocking(true)?;
     let raw_tcp_addr = raw_tcp.local_addr()?;
     let d = big.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = raw_tcp.accept().await {
+    server.handle.spawn(async move {
+        let Ok(l) = TcpListener::from_std(raw_tcp) else {
+            return;
+        };
+        while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
             tokio::spawn(raw_serve(s, d.clone()));
         }
     });
     let raw_path = dir.path().join("raw.sock");
-    let raw_uds = UnixListener::bind(&raw_path)?;
+    let raw_uds = std::os::unix::net::UnixListener::bind(&raw_path)?;
+    raw_uds.set_nonblocking(true)?;
     let d = big.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = raw_uds.accept().await {
+    server.handle.spawn(async move {
+        let Ok(l) = UnixListener::from_std(raw_uds) else {
+            return;
+        };
+        while let Ok((s, _)) = l.accept().await {
             tokio::spawn(raw_serve(s, d.clone()));
         }
     });
@@ -455,8 +440,7 @@ async fn run_async(args: Args) -> Result<()> {
     );
     println!("{clients} concurrent clients, 2 MiB gets over tcp: {conc:.2} GB/s");
 
-    let _ = stop_tx.send(());
-    server.await??;
+    server.stop()?;
     let b = &big_f;
     let mut f = Figures::new("wire");
     f.num("tcp_get_gbps", b.tcp_get);
