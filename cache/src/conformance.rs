@@ -7,7 +7,8 @@ use crate::error::CacheError;
 use crate::key::ChunkKey;
 use crate::tier::{ChunkMeta, Fidelity, Tier};
 
-fn payload(seed: u64, len: usize) -> Vec<u8> {
+/// `len` deterministic, incompressible bytes for `seed` (xorshift), shared by backend tests.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
     // xorshift: deterministic, incompressible enough, no dependency.
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)

@@ -5,6 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use kvtier_cache::conformance;
+use kvtier_cache::conformance::payload;
 use kvtier_cache::tier::Fidelity;
 use rand::Rng;
 use tempfile::TempDir;
@@ -51,18 +52,6 @@ fn config(dir: &Path, budget: u64, durability: Durability) -> DiskConfig {
 
 fn open(dir: &Path, budget: u64) -> DiskTier {
     DiskTier::open(config(dir, budget, Durability::None)).unwrap()
-}
-
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn meta(len: usize) -> ChunkMeta {
