@@ -209,13 +209,40 @@ pub(super) async fn show(a: ShowArgs) -> Result<()> {
         return Ok(());
     };
     for (k, val) in map {
-        let text = match val {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+        let text = match (k.as_str(), val) {
+            ("tiers", v) => tiers_text(v),
+            ("fidelity", v) => fidelity_text(v),
+            ("verify", v) => verify_text(v),
+            (_, Value::Null) => "-".to_string(),
+            (_, Value::String(s)) => s.clone(),
+            (_, other) => other.to_string(),
         };
         println!("{k:<18} {text}");
     }
     Ok(())
+}
+
+/// `ok` or `FAILED`, then each tier's result.
+fn verify_text(v: &Value) -> String {
+    let per_tier: Vec<String> = v["tiers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let ok = if t["ok"].as_bool() == Some(true) {
+                "ok"
+            } else {
+                "CORRUPT"
+            };
+            format!("{} {ok}", t["tier"].as_str().unwrap_or("?"))
+        })
+        .collect();
+    let overall = if v["ok"].as_bool() == Some(true) {
+        "ok"
+    } else {
+        "FAILED"
+    };
+    format!("{overall} ({})", per_tier.join(", "))
 }
 
 #[derive(Args)]
