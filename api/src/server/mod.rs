@@ -112,6 +112,21 @@ pub async fn run(
             }
         }));
     }
+    // Leases a crashed client never released stop pinning at their expiry on their own; this
+    // forgets their records so the lease table and its count stay bounded.
+    let s = svc.clone();
+    let mut rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = rx.changed() => break,
+                _ = tick.tick() => {
+                    let _ = s.store.reap_leases();
+                }
+            }
+        }
+    }));
     let mut rx = stop_rx.clone();
     let http = crate::http::serve(svc.clone(), listeners.http, async move {
         let _ = rx.changed().await;

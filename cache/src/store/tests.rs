@@ -146,6 +146,23 @@ fn leases_pin_until_released_or_expired() {
 }
 
 #[test]
+fn expired_leases_are_reaped_from_the_table() {
+    let s = store(4, None, StoreConfig::default());
+    s.put(ChunkKey(1), meta(0), &data(1)).unwrap();
+    let short = s.lease(T, ChunkKey(1), Duration::from_millis(1)).unwrap();
+    let long = s.lease(T, ChunkKey(1), Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(s.stats().leases, 2);
+    assert_eq!(s.reap_leases(), 1, "only the expired lease goes");
+    assert_eq!(s.stats().leases, 1);
+    assert!(matches!(
+        s.release(short.id),
+        Err(CacheError::LeaseNotFound(_))
+    ));
+    s.release(long.id).unwrap();
+}
+
+#[test]
 fn admission_keeps_one_off_chunks_off_disk() {
     let disk = Arc::new(MemoryTier::new(TierKind::Disk, 1 << 30));
     let s = store(1, Some(disk.clone()), StoreConfig::default());
