@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use kvtier_cache::WriteMode;
+use kvtier_cache::{ModelLayout, WriteMode};
+use kvtier_compress::CodecChoice;
 
 /// Durability of acknowledged writes to the disk tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -22,6 +23,34 @@ pub enum DurabilityMode {
     Batch,
     /// Page cache only (benchmarks; a power loss may lose acknowledged disk writes).
     None,
+}
+
+/// A codec name in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CodecName {
+    /// The engine's bytes, untouched.
+    Raw,
+    /// Byte planes + lz4: bit-exact, a few percent smaller on real KV.
+    Lossless,
+    /// KIVI int8 (lossy, about 2x).
+    Int8,
+    /// KIVI int4 (lossy, about 4x).
+    Int4,
+    /// FP8 E4M3 (lossy, about 2x).
+    Fp8,
+}
+
+impl CodecName {
+    pub fn choice(self) -> CodecChoice {
+        match self {
+            CodecName::Raw => CodecChoice::Raw,
+            CodecName::Lossless => CodecChoice::Lossless,
+            CodecName::Int8 => CodecChoice::Int8,
+            CodecName::Int4 => CodecChoice::Int4,
+            CodecName::Fp8 => CodecChoice::Fp8,
+        }
+    }
 }
 
 /// The validated configuration of `kvtier serve`.
@@ -57,6 +86,16 @@ pub struct ServeConfig {
     pub max_in_flight: u32,
     /// Seconds a sender may stall in the middle of a frame before the connection is dropped.
     pub stall_timeout_secs: u64,
+    /// Codec of disk copies in exact-only namespaces: `raw` or `lossless`.
+    pub disk_codec: CodecName,
+    /// Codec of disk copies for tenants in `lossy_tenants`.
+    pub lossy_disk_codec: CodecName,
+    /// Tenants whose chunks may be stored lossy (lossy copies are never served to a caller that
+    /// asks for exact data).
+    pub lossy_tenants: Vec<String>,
+    /// Layouts, besides the built-in SmolLM2-135M and Llama-3.1-8B, whose chunks may be encoded.
+    /// Chunks of an unknown layout fingerprint are stored raw.
+    pub layouts: Vec<ModelLayout>,
 }
 
 impl Default for ServeConfig {
@@ -76,6 +115,12 @@ impl Default for ServeConfig {
             max_lease_secs: 300,
             max_in_flight: 64,
             stall_timeout_secs: 10,
+            // Raw by default: lossless saves 4-8% on real KV but costs a decode on every disk
+            // read (bench/RESULTS.md, compress suite).
+            disk_codec: CodecName::Raw,
+            lossy_disk_codec: CodecName::Int8,
+            lossy_tenants: Vec::new(),
+            layouts: Vec::new(),
         }
     }
 }
@@ -113,6 +158,19 @@ pub struct ServeOverrides {
     /// Disk durability [default: batch].
     #[arg(long, env = "KVTIER_DURABILITY")]
     pub durability: Option<DurabilityMode>,
+    /// Codec of disk copies for exact-only tenants: raw or lossless [default: raw].
+    #[arg(long, env = "KVTIER_DISK_CODEC")]
+    pub disk_codec: Option<CodecName>,
+    /// Codec of disk copies for tenants allowed lossy data [default: int8].
+    #[arg(long, env = "KVTIER_LOSSY_DISK_CODEC")]
+    pub lossy_disk_codec: Option<CodecName>,
+    /// A tenant whose chunks may be stored lossy (repeat for several).
+    #[arg(
+        long = "lossy-tenant",
+        env = "KVTIER_LOSSY_TENANTS",
+        value_delimiter = ','
+    )]
+    pub lossy_tenants: Option<Vec<String>>,
 }
 
 fn parse_write_mode(s: &str) -> Result<WriteMode, String> {
@@ -185,7 +243,17 @@ impl ServeConfig {
             ($($f:ident),*) => { $( if let Some(v) = &o.$f { c.$f = v.clone(); } )* };
         }
         over!(
-            data_dir, listen, socket, http, host_bytes, disk_bytes, write_mode, durability
+            data_dir,
+            listen,
+            socket,
+            http,
+            host_bytes,
+            disk_bytes,
+            write_mode,
+            durability,
+            disk_codec,
+            lossy_disk_codec,
+            lossy_tenants
         );
         if o.token.is_some() {
             c.token = o.token.clone();
@@ -217,6 +285,17 @@ impl ServeConfig {
         }
         if self.stall_timeout_secs == 0 {
             bail!("stall_timeout_secs must be at least 1");
+        }
+        if self.disk_codec.choice().is_lossy() {
+            bail!(
+                "disk_codec applies to tenants that demand exact data, so it must be raw or lossless \
+                 (got {:?}); set lossy_disk_codec and lossy_tenants for lossy storage",
+                self.disk_codec
+            );
+        }
+        for l in &self.layouts {
+            l.validate()
+                .map_err(|e| anyhow::anyhow!("layout {:?}: {e}", l.model_id))?;
         }
         Ok(())
     }

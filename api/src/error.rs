@@ -30,9 +30,10 @@ impl From<CacheError> for ApiError {
         match e {
             CacheError::TierFull { .. } => ApiError::Full(msg),
             CacheError::PayloadTooLarge { .. } => ApiError::TooLarge(msg),
-            CacheError::LengthMismatch { .. } | CacheError::InvalidLayout(_) => {
-                ApiError::BadRequest(msg)
-            }
+            CacheError::LengthMismatch { .. }
+            | CacheError::InvalidLayout(_)
+            | CacheError::ReservedCodec(_) => ApiError::BadRequest(msg),
+            CacheError::Codec(_) => ApiError::Internal(msg),
             CacheError::NotFound(_) | CacheError::LeaseNotFound(_) => ApiError::NotFound(msg),
             CacheError::Corrupt(_) | CacheError::UnsupportedVersion { .. } => {
                 ApiError::Corrupt(msg)

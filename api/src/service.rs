@@ -11,6 +11,9 @@ use kvtier_cache::host::ArenaAllocator;
 use kvtier_cache::{HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore};
 use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
 
+use kvtier_compress::StoreCodec;
+use kvtier_compress::policy::{CodecPolicy, TierCodecs};
+
 use crate::auth::Auth;
 use crate::config::{DurabilityMode, ServeConfig};
 
@@ -75,7 +78,12 @@ impl Service {
             max_lease_ttl: Duration::from_secs(config.max_lease_secs),
             ..StoreConfig::default()
         };
-        let store = Arc::new(TieredStore::new(store_cfg, Arc::new(host), lower));
+        let store = Arc::new(TieredStore::with_transcoder(
+            store_cfg,
+            Arc::new(host),
+            lower,
+            Some(Arc::new(store_codec(&config))),
+        ));
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let tx = events.clone();
         store.subscribe(move |e| {
@@ -99,4 +107,30 @@ impl Service {
         self.store.flush()?;
         Ok(())
     }
+}
+
+/// The store's codec hook: the configured disk codecs, built-in and configured layouts, and the
+/// tenants allowed lossy copies.
+pub fn store_codec(config: &ServeConfig) -> StoreCodec {
+    let policy = CodecPolicy {
+        disk: TierCodecs {
+            exact: config.disk_codec.choice(),
+            lossy: config.lossy_disk_codec.choice(),
+        },
+        ..CodecPolicy::default()
+    };
+    let mut hook = StoreCodec::new(policy);
+    for l in [
+        kvtier_cache::ModelLayout::smollm2_135m(),
+        kvtier_cache::ModelLayout::llama31_8b(),
+    ]
+    .into_iter()
+    .chain(config.layouts.iter().cloned())
+    {
+        hook.register(l);
+    }
+    for t in &config.lossy_tenants {
+        hook.allow_lossy(kvtier_cache::key::tenant_id(t));
+    }
+    hook
 }

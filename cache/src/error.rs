@@ -33,6 +33,14 @@ pub enum CacheError {
     /// An on-disk format version this build does not understand.
     #[error("unsupported format version {found} (this build reads {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
+    /// A client tried to put a payload tagged with one of the store's own codec ids.
+    #[error(
+        "codec {0} is reserved for encodings the store applies itself; put raw chunks (codec 0) or use a private codec id"
+    )]
+    ReservedCodec(u16),
+    /// A codec failed to encode a chunk.
+    #[error("codec error: {0}")]
+    Codec(String),
     /// An I/O error from a tier backend, with what was being done.
     #[error("{context}: {source}")]
     Io {

@@ -368,6 +368,10 @@ impl Tier for HostTier {
         Ok(self.map.get(&key).map(|e| (e.meta, e.bytes.clone())))
     }
 
+    fn stat(&self, key: ChunkKey) -> Result<Option<(ChunkMeta, u64)>> {
+        Ok(self.map.get(&key).map(|e| (e.meta, e.bytes.len() as u64)))
+    }
+
     fn contains(&self, key: ChunkKey) -> bool {
         self.map.contains_key(&key)
     }

@@ -6,9 +6,11 @@
 //! - [`host`]: the host-memory tier (arenas carved into slots, zero-copy views);
 //! - [`store`]: the [`TieredStore`]: prefix lookup, promotion, demotion, eviction, admission,
 //!   leases, stats and events;
+//! - [`transcode`]: the hook through which the store encodes chunks for slower tiers;
 //! - [`conformance`]: the test suite every tier backend must pass.
 //!
-//! This crate does no async I/O and knows nothing of the network, CUDA or codecs.
+//! This crate does no async I/O and knows nothing of the network, CUDA or codecs
+//! (codecs plug in through [`Transcoder`]).
 
 pub mod conformance;
 pub mod error;
@@ -17,6 +19,7 @@ pub mod key;
 pub mod layout;
 pub mod memory;
 pub mod tier;
+pub mod transcode;
 
 pub use error::{CacheError, Result};
 pub use host::{HostConfig, HostTier, SlotMut};
@@ -24,9 +27,10 @@ pub use key::{ChunkKey, KeyChain, Namespace};
 pub use layout::{AttentionKind, Dtype, ModelLayout};
 pub use memory::MemoryTier;
 pub use tier::{ChunkMeta, Fidelity, Tier, TierKind, TierSet, TierUsage};
+pub use transcode::{Encoded, Transcoder};
 pub(crate) mod policy;
 pub mod store;
 pub use store::{
     ChunkHit, ChunkInfo, ChunkRead, GetOutcome, Lease, LookupResult, StoreConfig, StoreEvent,
-    StoreStats, TierStats, TieredStore, WriteMode,
+    StoreStats, StoredCopy, TierStats, TieredStore, WriteMode,
 };

@@ -209,6 +209,12 @@ pub trait Tier: Send + Sync {
         Ok(())
     }
 
+    /// The stored metadata and payload length under `key`, without reading the payload where
+    /// the backend can avoid it.
+    fn stat(&self, key: ChunkKey) -> Result<Option<(ChunkMeta, u64)>> {
+        Ok(self.get(key)?.map(|(m, b)| (m, b.len() as u64)))
+    }
+
     /// Re-reads `key` and checks its stored checksum. `Ok(None)` when absent.
     fn verify(&self, key: ChunkKey) -> Result<Option<bool>> {
         Ok(self.get(key)?.map(|_| true))

@@ -5,7 +5,8 @@
 //! - [`xkv`]: cross-layer SVD with a basis shared by a span of chunks.
 //! - [`parallel`]: encode/decode many chunks at once on rayon's pool (call it from a blocking
 //!   thread, never from an async worker).
-//! - [`policy`]: which codec a tier uses, and the rule that exact callers never get lossy data.
+//! - [`policy`]: which codec a tier uses, and the rule that exact callers never get lossy data;
+//! - [`store_codec`]: [`StoreCodec`], the store's codec hook applying that policy.
 //!
 //! Every encoded chunk is a [`container`]: magic, version, codec id, params, lengths and a
 //! CRC32C, so a chunk always says how to decode it and what fidelity it has ([`inspect`]).
@@ -20,6 +21,7 @@ pub mod parallel;
 pub mod policy;
 pub mod quant;
 pub mod shape;
+pub mod store_codec;
 pub mod xkv;
 
 pub use codec::{
@@ -32,6 +34,7 @@ pub use lossless::{PlainLz4, PlanesLz4};
 pub use parallel::{decode_many, encode_many, xkv_decode_many, xkv_encode_many};
 pub use policy::{CodecChoice, NamespaceFidelity, choose_codec, serves};
 pub use quant::Kivi;
+pub use store_codec::StoreCodec;
 pub use xkv::{RankRule, XkvBasis, XkvFit, XkvParams, xkv_decode, xkv_encode};
 
 #[cfg(test)]

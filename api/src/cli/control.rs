@@ -213,6 +213,7 @@ pub(super) async fn show(a: ShowArgs) -> Result<()> {
             ("tiers", v) => tiers_text(v),
             ("fidelity", v) => fidelity_text(v),
             ("verify", v) => verify_text(v),
+            ("copies", v) => copies_text(v),
             (_, Value::Null) => "-".to_string(),
             (_, Value::String(s)) => s.clone(),
             (_, other) => other.to_string(),
@@ -220,6 +221,28 @@ pub(super) async fn show(a: ShowArgs) -> Result<()> {
         println!("{k:<18} {text}");
     }
     Ok(())
+}
+
+/// One line per tier copy: codec, stored size and ratio.
+fn copies_text(v: &Value) -> String {
+    let lines: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{}: {} ({}), {} stored, {} raw, ratio {:.3}, {}",
+                c["tier"].as_str().unwrap_or("?"),
+                c["codec_name"].as_str().unwrap_or("?"),
+                c["codec"],
+                human_bytes(c["stored_bytes"].as_f64().unwrap_or(0.0)),
+                human_bytes(c["raw_bytes"].as_f64().unwrap_or(0.0)),
+                c["ratio"].as_f64().unwrap_or(0.0),
+                fidelity_text(&c["fidelity"]),
+            )
+        })
+        .collect();
+    lines.join(&format!("\n{:<18} ", ""))
 }
 
 /// `ok` or `FAILED`, then each tier's result.

@@ -40,6 +40,20 @@ pub(super) fn chunk_json(i: &ChunkInfo) -> Value {
     })
 }
 
+/// Human name of a codec id (the store's own, or "private" for client-chosen ids).
+fn codec_name(codec: u16) -> &'static str {
+    match codec {
+        0 => "raw",
+        kvtier_compress::CODEC_LZ4 => "lz4",
+        kvtier_compress::CODEC_PLANES_LZ4 => "lossless",
+        kvtier_compress::CODEC_KIVI_INT8 => "int8",
+        kvtier_compress::CODEC_KIVI_INT4 => "int4",
+        kvtier_compress::CODEC_FP8_E4M3 => "fp8",
+        kvtier_compress::CODEC_XKV => "xkv",
+        _ => "private",
+    }
+}
+
 fn tier_names(t: kvtier_cache::TierSet) -> Vec<&'static str> {
     t.iter().map(TierKind::name).collect()
 }
@@ -123,6 +137,24 @@ pub(super) async fn show(
             .info(caller.tenant_id, key)
             .ok_or_else(|| not_found(key))?;
         let mut body = chunk_json(&info);
+        let store = st.svc.store.clone();
+        let tenant = caller.tenant_id;
+        let copies = blocking(move || Ok(store.copies(tenant, key)?)).await?;
+        body["copies"] = copies
+            .iter()
+            .map(|c| {
+                json!({
+                    "tier": c.tier.name(),
+                    "codec": c.codec,
+                    "codec_name": codec_name(c.codec),
+                    "fidelity": c.fidelity,
+                    "stored_bytes": c.stored_bytes,
+                    "raw_bytes": c.raw_bytes,
+                    "ratio": (c.ratio() * 1000.0).round() / 1000.0,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into();
         if verify {
             // Re-reads the chunk in every tier holding it (disk I/O and a checksum pass).
             let store = st.svc.store.clone();

@@ -6,7 +6,11 @@
 //! - **lookup** hashes a prompt chunk by chunk and stops at the first miss, in one pass;
 //! - **eviction** follows [`crate::policy`]: least recently used first, deeper chunks of a
 //!   prompt before shallower ones, leased chunks skipped until their lease ends or expires;
-//! - **admission** to disk needs a chunk to have been seen `admit_after` times.
+//! - **admission** to disk needs a chunk to have been seen `admit_after` times;
+//! - **codecs**: with a [`Transcoder`], raw chunks are encoded as they enter a slower tier and
+//!   decoded before they are served or promoted. The index keeps each chunk's metadata as put,
+//!   plus which tiers hold a lossy copy: a caller asking for exact data is only served from the
+//!   others, and lookups report the best fidelity held.
 //!
 //! The index is a sharded map whose entries carry atomics, so reads take no global lock; the
 //! eviction order is the only ordered structure and is not touched by reads.
@@ -26,13 +30,19 @@ use crate::error::{CacheError, Result};
 use crate::host::{HostTier, SlotMut};
 use crate::key::{ChunkKey, Namespace};
 use crate::policy::{EvictionOrder, FrequencySketch};
-use crate::tier::{ChunkMeta, Tier, TierKind, TierSet};
+use crate::tier::{CODEC_RAW, ChunkMeta, Fidelity, Tier, TierKind, TierSet};
+use crate::transcode::{Transcoder, compose, served_meta};
 
 pub use types::*;
 
 struct Entry {
+    /// The chunk as it was put (raw codec unless the client encoded it itself).
     meta: ChunkMeta,
     tiers: AtomicU8,
+    /// Tiers whose copy is lossy (encoded lossy by the store, or decoded from such a copy).
+    lossy: AtomicU8,
+    /// The fidelity of the lossy copies, when there are any.
+    lossy_fidelity: Mutex<Option<Fidelity>>,
     last_access: AtomicU64,
     /// Live leases: (id, expiry). Locked only by lease operations and evictors.
     leases: Mutex<Vec<(u64, Instant)>>,
@@ -50,6 +60,36 @@ impl Entry {
     /// Removes `t`; returns the remaining set.
     fn drop_tier(&self, t: TierKind) -> TierSet {
         TierSet(self.tiers.fetch_and(!t.bit(), Ordering::AcqRel) & !t.bit())
+    }
+
+    /// Tiers holding a copy that decodes to exactly what was put.
+    fn exact_tiers(&self) -> TierSet {
+        TierSet(self.tiers.load(Ordering::Acquire) & !self.lossy.load(Ordering::Acquire))
+    }
+
+    /// Records the fidelity of the copy now in `t`.
+    fn mark(&self, t: TierKind, copy: Fidelity) {
+        if copy.is_exact() {
+            self.lossy.fetch_and(!t.bit(), Ordering::AcqRel);
+        } else {
+            *self.lossy_fidelity.lock() = Some(copy);
+            self.lossy.fetch_or(t.bit(), Ordering::AcqRel);
+        }
+    }
+
+    /// The best fidelity any held copy can be served with.
+    fn fidelity(&self) -> Fidelity {
+        if !self.exact_tiers().is_empty() || self.lossy.load(Ordering::Acquire) == 0 {
+            return self.meta.fidelity;
+        }
+        self.lossy_fidelity.lock().unwrap_or(self.meta.fidelity)
+    }
+
+    /// The metadata as put, with the best fidelity held.
+    fn effective_meta(&self) -> ChunkMeta {
+        let mut m = self.meta;
+        m.fidelity = self.fidelity();
+        m
     }
 
     fn is_pinned(&self, now: Instant) -> bool {
@@ -76,12 +116,24 @@ pub struct TieredStore {
     next_lease: AtomicU64,
     counters: [TierCounters; 4],
     listeners: RwLock<Vec<Listener>>,
+    transcoder: Option<Arc<dyn Transcoder>>,
 }
 
 impl TieredStore {
     /// Builds a store over a host tier and slower tiers (fastest first), rebuilding the index
     /// from whatever the slower tiers already hold (a restart keeps every acknowledged chunk).
     pub fn new(config: StoreConfig, host: Arc<HostTier>, lower: Vec<Arc<dyn Tier>>) -> Self {
+        Self::with_transcoder(config, host, lower, None)
+    }
+
+    /// [`TieredStore::new`] with a codec hook: raw chunks are encoded for slower tiers by
+    /// `transcoder` and decoded on the way back.
+    pub fn with_transcoder(
+        config: StoreConfig,
+        host: Arc<HostTier>,
+        lower: Vec<Arc<dyn Tier>>,
+        transcoder: Option<Arc<dyn Transcoder>>,
+    ) -> Self {
         let order = (0..=lower.len())
             .map(|_| EvictionOrder::default())
             .collect();
@@ -97,15 +149,59 @@ impl TieredStore {
             next_lease: AtomicU64::new(1),
             counters: Default::default(),
             listeners: RwLock::new(Vec::new()),
+            transcoder,
         };
         for (i, tier) in store.lower.iter().enumerate() {
-            for (key, meta) in tier.entries() {
-                let e = store.index.entry(key).or_insert_with(|| new_entry(meta, 0));
+            for (key, rec) in tier.entries() {
+                let (logical, copy) = match store.owned(&rec) {
+                    // An encoding the store applied: the chunk was put raw.
+                    true => {
+                        let mut m = served_meta(&rec, &rec);
+                        m.fidelity = Fidelity::Exact;
+                        (m, rec.fidelity)
+                    }
+                    false => (rec, Fidelity::Exact),
+                };
+                let e = store
+                    .index
+                    .entry(key)
+                    .or_insert_with(|| new_entry(logical, 0));
                 e.add_tier(tier.kind());
-                store.order[i + 1].insert(0, meta.depth, key);
+                e.mark(tier.kind(), copy);
+                store.order[i + 1].insert(0, rec.depth, key);
             }
         }
         store
+    }
+
+    /// Whether `rec` is encoded with one of the transcoder's codecs.
+    fn owned(&self, rec: &ChunkMeta) -> bool {
+        rec.codec != CODEC_RAW && self.transcoder.as_ref().is_some_and(|t| t.owns(rec.codec))
+    }
+
+    /// Decodes a lower-tier record when the store encoded it. Returns the metadata to serve it
+    /// with and raw bytes. A record that fails to decode is reported as corrupt.
+    fn decode_record(
+        &self,
+        key: ChunkKey,
+        logical: &ChunkMeta,
+        rec: ChunkMeta,
+        bytes: Bytes,
+    ) -> Result<(ChunkMeta, Bytes)> {
+        let Some(tc) = self.transcoder.as_ref().filter(|_| self.owned(&rec)) else {
+            return Ok((rec, bytes));
+        };
+        let raw = tc
+            .decode(&rec, &bytes)
+            .map_err(|e| CacheError::Corrupt(format!("chunk {key} does not decode: {e}")))?;
+        if raw.len() as u64 != rec.raw_len {
+            return Err(CacheError::Corrupt(format!(
+                "chunk {key} decodes to {} bytes, its record says {}",
+                raw.len(),
+                rec.raw_len
+            )));
+        }
+        Ok((served_meta(logical, &rec), Bytes::from(raw)))
     }
 
     /// The store's configuration.
@@ -164,6 +260,9 @@ impl TieredStore {
     /// Publishes a reserved and written slot under `key` without copying it.
     pub fn put_slot(&self, key: ChunkKey, meta: ChunkMeta, slot: SlotMut) -> Result<()> {
         check_meta(&meta, slot.len())?;
+        if self.owned(&meta) {
+            return Err(CacheError::ReservedCodec(meta.codec));
+        }
         let through = match (&self.config.write_mode, self.lower.first()) {
             (WriteMode::WriteThrough, Some(_)) => Some(Bytes::copy_from_slice(&slot)),
             _ => None,
@@ -188,6 +287,7 @@ impl TieredStore {
         }
         if let Some(e) = self.index.get(&key) {
             e.add_tier(TierKind::Host);
+            e.mark(TierKind::Host, Fidelity::Exact);
             e.last_access.store(tick, Ordering::Release);
         }
         self.order[0].insert(tick, meta.depth, key);
@@ -205,11 +305,25 @@ impl TieredStore {
         Ok(())
     }
 
-    /// Writes `bytes` into `lower[i]`, evicting there as needed.
+    /// Writes a chunk into `lower[i]` (encoded when the transcoder says so), evicting there as
+    /// needed. `meta` describes `bytes` as they are (raw, possibly of lossy fidelity).
     fn store_lower(&self, i: usize, key: ChunkKey, meta: &ChunkMeta, bytes: &[u8]) -> Result<()> {
         let tier = &self.lower[i];
+        let encoded = match &self.transcoder {
+            Some(tc) if meta.codec == CODEC_RAW => tc.encode(tier.kind(), meta, bytes)?,
+            _ => None,
+        };
+        let (rec, payload) = match &encoded {
+            Some(enc) => {
+                let mut m = *meta;
+                m.codec = enc.codec;
+                m.fidelity = compose(meta.fidelity, enc.fidelity);
+                (m, enc.payload.as_slice())
+            }
+            None => (*meta, bytes),
+        };
         loop {
-            match tier.put(key, meta, bytes) {
+            match tier.put(key, &rec, payload) {
                 Ok(()) => break,
                 Err(CacheError::TierFull { .. }) if self.evict_one(i + 1)? => continue,
                 Err(e) => return Err(e),
@@ -217,6 +331,14 @@ impl TieredStore {
         }
         if let Some(e) = self.index.get(&key) {
             e.add_tier(tier.kind());
+            // A client-labelled lossy chunk is lossy in every tier; only the store's own lossy
+            // encodings mark a copy.
+            let copy = match encoded.as_ref().map(|e| e.fidelity) {
+                Some(f) if !f.is_exact() => rec.fidelity,
+                _ if !meta.fidelity.is_exact() && meta.fidelity != e.meta.fidelity => meta.fidelity,
+                _ => Fidelity::Exact,
+            };
+            e.mark(tier.kind(), copy);
         }
         self.order[i + 1].insert(self.clock.load(Ordering::Relaxed), meta.depth, key);
         Ok(())
@@ -280,12 +402,16 @@ impl TieredStore {
                 .is_some_and(|e| e.tiers().contains(self.lower[next].kind()))
             && self.sketch.estimate(key) >= self.config.admit_after;
         if demote {
-            let bytes = if t == 0 {
-                self.host.get(key)?.map(|(_, b)| b)
+            let copy = if t == 0 {
+                self.host.get(key)?
             } else {
-                self.lower[t - 1].get(key).ok().flatten().map(|(_, b)| b)
+                self.lower[t - 1]
+                    .get(key)
+                    .ok()
+                    .flatten()
+                    .and_then(|(rec, b)| self.decode_record(key, &meta, rec, b).ok())
             };
-            if let Some(bytes) = bytes {
+            if let Some((meta, bytes)) = copy {
                 match self.store_lower(next, key, &meta, &bytes) {
                     Ok(()) => self
                         .counter(self.lower[next].kind())
@@ -327,10 +453,14 @@ impl TieredStore {
     /// Reads a chunk owned by `tenant`. Lower-tier hits are promoted to host when there is room.
     pub fn get(&self, tenant: u64, key: ChunkKey, accept_lossy: bool) -> Result<GetOutcome> {
         let tick = self.tick();
-        let meta = match self.index.get(&key) {
+        let (logical, allowed, best) = match self.index.get(&key) {
             Some(e) if e.meta.tenant == tenant => {
                 e.last_access.store(tick, Ordering::Release);
-                e.meta
+                let allowed = match accept_lossy {
+                    true => TierSet(u8::MAX),
+                    false => e.exact_tiers(),
+                };
+                (e.meta, allowed, e.fidelity())
             }
             _ => {
                 self.counter(TierKind::Host)
@@ -339,11 +469,15 @@ impl TieredStore {
                 return Ok(GetOutcome::Miss);
             }
         };
-        if !accept_lossy && !meta.fidelity.is_exact() {
-            return Ok(GetOutcome::FidelityRejected(meta.fidelity));
+        if !accept_lossy && (!logical.fidelity.is_exact() || allowed.is_empty()) {
+            return Ok(GetOutcome::FidelityRejected(best));
         }
         self.sketch.increment(key);
-        if let Some((meta, bytes)) = self.host.get(key)? {
+        let host_hit = match allowed.contains(TierKind::Host) {
+            true => self.host.get(key)?,
+            false => None,
+        };
+        if let Some((meta, bytes)) = host_hit {
             self.counter(TierKind::Host)
                 .hits
                 .fetch_add(1, Ordering::Relaxed);
@@ -358,7 +492,14 @@ impl TieredStore {
             .fetch_add(1, Ordering::Relaxed);
         for (i, tier) in self.lower.iter().enumerate() {
             let kind = tier.kind();
-            match tier.get(key) {
+            if !allowed.contains(kind) {
+                continue;
+            }
+            let read = tier.get(key).and_then(|r| {
+                r.map(|(rec, b)| self.decode_record(key, &logical, rec, b))
+                    .transpose()
+            });
+            match read {
                 Ok(Some((meta, bytes))) => {
                     self.counter(kind).hits.fetch_add(1, Ordering::Relaxed);
                     let bytes = self.promote(key, meta, bytes);
@@ -381,7 +522,9 @@ impl TieredStore {
                 Err(e) => return Err(e),
             }
         }
-        self.drop_from_index(key, TierKind::Host);
+        if allowed.0 == u8::MAX {
+            self.drop_from_index(key, TierKind::Host);
+        }
         Ok(GetOutcome::Miss)
     }
 
@@ -399,6 +542,11 @@ impl TieredStore {
         let tick = self.tick();
         if let Some(e) = self.index.get(&key) {
             e.add_tier(TierKind::Host);
+            let copy = match meta.fidelity != e.meta.fidelity {
+                true => meta.fidelity,
+                false => Fidelity::Exact,
+            };
+            e.mark(TierKind::Host, copy);
             e.last_access.store(tick, Ordering::Release);
         }
         self.order[0].insert(tick, meta.depth, key);
@@ -432,7 +580,7 @@ impl TieredStore {
             chunks.push(ChunkHit {
                 key,
                 tiers,
-                fidelity: e.meta.fidelity,
+                fidelity: e.fidelity(),
             });
         }
         for c in &chunks {
@@ -576,6 +724,29 @@ impl TieredStore {
         Ok(out)
     }
 
+    /// How each tier stores `key`: codec, fidelity and stored size (for `show`). No payload is
+    /// read where the tier can answer from its index.
+    pub fn copies(&self, tenant: u64, key: ChunkKey) -> Result<Vec<StoredCopy>> {
+        let tiers = match self.index.get(&key) {
+            Some(e) if e.meta.tenant == tenant => e.tiers(),
+            _ => return Err(CacheError::NotFound(key.to_string())),
+        };
+        let mut out = Vec::new();
+        let all = std::iter::once(&*self.host as &dyn Tier).chain(self.lower.iter().map(|t| &**t));
+        for t in all.filter(|t| tiers.contains(t.kind())) {
+            if let Some((m, len)) = t.stat(key)? {
+                out.push(StoredCopy {
+                    tier: t.kind(),
+                    codec: m.codec,
+                    fidelity: m.fidelity,
+                    stored_bytes: len,
+                    raw_bytes: m.raw_len,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Chunks of `tenant` in key order, starting after `after`, at most `limit`, optionally only
     /// those present in `tier`.
     pub fn list(
@@ -627,6 +798,8 @@ fn new_entry(meta: ChunkMeta, tick: u64) -> Entry {
     Entry {
         meta,
         tiers: AtomicU8::new(0),
+        lossy: AtomicU8::new(0),
+        lossy_fidelity: Mutex::new(None),
         last_access: AtomicU64::new(tick),
         leases: Mutex::new(Vec::new()),
     }
@@ -647,7 +820,7 @@ fn info_of(key: ChunkKey, e: &Entry) -> ChunkInfo {
     let leases = e.leases.lock().iter().filter(|(_, exp)| *exp > now).count() as u32;
     ChunkInfo {
         key,
-        meta: e.meta,
+        meta: e.effective_meta(),
         tiers: e.tiers(),
         leases,
         last_access: e.last_access.load(Ordering::Relaxed),
@@ -669,5 +842,7 @@ fn tier_stats(t: &dyn Tier, c: &TierCounters) -> TierStats {
     }
 }
 
+#[cfg(test)]
+mod codec_tests;
 #[cfg(test)]
 mod tests;

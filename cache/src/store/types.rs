@@ -109,6 +109,27 @@ pub struct ChunkInfo {
     pub last_access: u64,
 }
 
+/// How one tier holds a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StoredCopy {
+    pub tier: TierKind,
+    /// Codec of the stored payload (0 = raw).
+    pub codec: u16,
+    /// What the copy decodes to, relative to what was put.
+    pub fidelity: Fidelity,
+    /// Bytes the payload occupies in the tier.
+    pub stored_bytes: u64,
+    /// Bytes of the decoded chunk.
+    pub raw_bytes: u64,
+}
+
+impl StoredCopy {
+    /// Raw size over stored size (1.0 for raw copies).
+    pub fn ratio(&self) -> f64 {
+        self.raw_bytes as f64 / self.stored_bytes.max(1) as f64
+    }
+}
+
 /// Counters of one tier.
 #[derive(Debug, Default)]
 pub(crate) struct TierCounters {

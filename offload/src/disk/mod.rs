@@ -528,6 +528,10 @@ impl Tier for DiskTier {
         })
     }
 
+    fn stat(&self, key: ChunkKey) -> Result<Option<(ChunkMeta, u64)>> {
+        Ok(self.index.get(&key).map(|e| (e.meta, e.payload_len)))
+    }
+
     fn contains(&self, key: ChunkKey) -> bool {
         self.index.contains_key(&key)
     }
