@@ -24,8 +24,9 @@ use crate::wire::{
     self, AlignedVec, ChunkMetaWire, DeleteHeader, DeleteOkHeader, ErrorCode, ErrorHeader,
     GetHeader, GetLocatedHeader, GetLocatedOkHeader, GetOkHeader, HelloHeader, HelloOkHeader,
     LeaseHeader, LeaseOkHeader, Limits, LookupHeader, LookupOkHeader, MapArenasHeader,
-    MapArenasOkHeader, Opcode, PutHeader, ReleaseHeader, ShmGetHeader, ShmPutHeader,
-    ShmRegisterHeader, ShmRegisterOkHeader, StatsHeader, StatsOkHeader, WireError, WireHeader,
+    MapArenasOkHeader, Opcode, PutHeader, ReleaseHeader, RetrieveHeader, RetrieveOkHeader,
+    ShmGetHeader, ShmPutHeader, ShmRegisterHeader, ShmRegisterOkHeader, StatsHeader, StatsOkHeader,
+    WireError, WireHeader,
 };
 
 /// Errors of the client.
@@ -115,6 +116,25 @@ pub struct LookupHitInfo {
 pub struct LookupReply {
     pub hit_tokens: u64,
     pub hits: Vec<LookupHitInfo>,
+}
+
+/// The answer to [`Client::retrieve`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrieveReply {
+    /// True when answered by an exact scan (no index built yet), false for the HNSW graphs.
+    pub exact: bool,
+    /// Tokens in the prompt.
+    pub tokens: u64,
+    /// Positions per (query, head).
+    pub k: u32,
+    /// `[n][heads][k]` token positions, best first.
+    pub positions: Vec<u32>,
+    /// Bytes of one K or V row (head_dim × dtype size).
+    pub row_bytes: usize,
+    /// `[n][heads][k]` K rows in the layout's dtype.
+    pub k_rows: Vec<u8>,
+    /// Same, V rows.
+    pub v_rows: Vec<u8>,
 }
 
 /// A chunk returned by `get`.
@@ -343,6 +363,54 @@ impl Client {
                     fidelity_tag: h.fidelity,
                 })
                 .collect(),
+        })
+    }
+
+    /// The top-`k` token positions of a stored prompt (its chunk keys, first first) for one or
+    /// more decode steps' queries of `layer` (`[n][heads][head_dim]` f32, post-RoPE), with the
+    /// K and V rows of those positions.
+    pub async fn retrieve(
+        &self,
+        keys: &[ChunkKey],
+        layer: u32,
+        heads: u32,
+        queries: &[f32],
+        k: u32,
+        accept_lossy: bool,
+    ) -> Result<RetrieveReply> {
+        let h = RetrieveHeader {
+            keys: keys.iter().map(|k| k.0).collect(),
+            layer,
+            heads,
+            k,
+            accept_lossy,
+        };
+        let payload: Vec<u8> = queries.iter().flat_map(|q| q.to_le_bytes()).collect();
+        let f = expect(self.call(&h, &[&payload], None).await?, Opcode::RetrieveOk)?;
+        let a = wire::access_header::<RetrieveOkHeader>(Opcode::RetrieveOk, &f.header)?;
+        let head: RetrieveOkHeader = rkyv::deserialize::<_, rkyv::rancor::Error>(a)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let entries = head.queries as usize * head.heads as usize * head.k as usize;
+        if head.payload_len() != Some(f.payload.len() as u64) {
+            return Err(ClientError::Protocol(format!(
+                "retrieve answer of {} bytes does not match its header",
+                f.payload.len()
+            )));
+        }
+        let rows = entries * head.row_bytes as usize;
+        let (pos, rest) = f.payload.split_at(entries * 4);
+        let (k_rows, v_rows) = rest.split_at(rows);
+        Ok(RetrieveReply {
+            exact: head.index == 0,
+            tokens: head.tokens,
+            k: head.k,
+            positions: pos
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            row_bytes: head.row_bytes as usize,
+            k_rows: k_rows.to_vec(),
+            v_rows: v_rows.to_vec(),
         })
     }
 

@@ -96,6 +96,11 @@ pub struct ServeConfig {
     /// Layouts, besides the built-in SmolLM2-135M and Llama-3.1-8B, whose chunks may be encoded.
     /// Chunks of an unknown layout fingerprint are stored raw.
     pub layouts: Vec<ModelLayout>,
+    /// Prompts of at least this many tokens get retrieval indexes built in the background once
+    /// their chunks are stored; 0 disables background builds (RETRIEVE then scans exactly).
+    pub retrieval_min_tokens: u64,
+    /// Prompts kept indexed at once (least recently used dropped).
+    pub retrieval_max_prompts: usize,
 }
 
 impl Default for ServeConfig {
@@ -121,6 +126,8 @@ impl Default for ServeConfig {
             lossy_disk_codec: CodecName::Int8,
             lossy_tenants: Vec::new(),
             layouts: Vec::new(),
+            retrieval_min_tokens: 4096,
+            retrieval_max_prompts: 4,
         }
     }
 }

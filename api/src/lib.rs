@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod retrieval;
 pub mod server;
 pub mod service;
 mod transport;

@@ -16,6 +16,7 @@ use kvtier_compress::policy::{CodecPolicy, TierCodecs};
 
 use crate::auth::Auth;
 use crate::config::{DurabilityMode, ServeConfig};
+use crate::retrieval::{Retrieval, RetrievalConfig};
 
 /// Events buffered per subscriber before a slow one starts missing them (it is told how many).
 pub const EVENT_BUFFER: usize = 4096;
@@ -26,6 +27,8 @@ pub struct Service {
     pub store: Arc<TieredStore>,
     pub auth: Auth,
     pub events: broadcast::Sender<StoreEvent>,
+    /// RETRIEVE and its background index builds.
+    pub retrieval: Arc<Retrieval>,
     /// Why the disk tier is not in use, when it was configured but could not be opened.
     pub disk_error: Option<String>,
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
@@ -90,12 +93,24 @@ impl Service {
             // No subscriber is not an error: events are best-effort notifications.
             let _ = tx.send(e.clone());
         });
+        let retrieval = Arc::new(Retrieval::new(
+            layouts(&config),
+            RetrievalConfig {
+                min_tokens: config.retrieval_min_tokens,
+                max_prompts: config.retrieval_max_prompts,
+                ..RetrievalConfig::default()
+            },
+        ));
+        let observer = retrieval.clone();
+        store.subscribe(move |e| observer.observe(e));
+        crate::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))?;
         let auth = Auth::new(config.token.clone(), &config.tenant_tokens);
         Ok(Arc::new(Service {
             config,
             store,
             auth,
             events,
+            retrieval,
             disk_error,
             shared_arenas,
             started: Instant::now(),
@@ -120,17 +135,22 @@ pub fn store_codec(config: &ServeConfig) -> StoreCodec {
         ..CodecPolicy::default()
     };
     let mut hook = StoreCodec::new(policy);
-    for l in [
-        kvtier_cache::ModelLayout::smollm2_135m(),
-        kvtier_cache::ModelLayout::llama31_8b(),
-    ]
-    .into_iter()
-    .chain(config.layouts.iter().cloned())
-    {
+    for l in layouts(config) {
         hook.register(l);
     }
     for t in &config.lossy_tenants {
         hook.allow_lossy(kvtier_cache::key::tenant_id(t));
     }
     hook
+}
+
+/// The built-in layouts (SmolLM2-135M, Llama-3.1-8B) and the configured ones.
+pub fn layouts(config: &ServeConfig) -> Vec<kvtier_cache::ModelLayout> {
+    [
+        kvtier_cache::ModelLayout::smollm2_135m(),
+        kvtier_cache::ModelLayout::llama31_8b(),
+    ]
+    .into_iter()
+    .chain(config.layouts.iter().cloned())
+    .collect()
 }

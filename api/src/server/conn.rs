@@ -267,6 +267,7 @@ fn op_name(op: Opcode) -> &'static str {
         Opcode::ShmGet => "shm_get",
         Opcode::MapArenas => "map_arenas",
         Opcode::GetLocated => "get_located",
+        Opcode::Retrieve => "retrieve",
         _ => "other",
     }
 }
@@ -294,6 +295,7 @@ async fn dispatch(
     Ok(match pre.opcode {
         Opcode::Put => handlers::put(ctx, pre, buf, reader, stall).await?,
         Opcode::Lookup => handlers::lookup(ctx, pre, buf, reader, stall).await?,
+        Opcode::Retrieve => super::retrieve::retrieve(ctx, pre, buf, reader, stall).await?,
         Opcode::ShmRegister => handlers::shm_register(ctx, buf, reader).await?,
         Opcode::Get => handlers::get(ctx, buf),
         Opcode::Lease => handlers::lease(ctx, buf),

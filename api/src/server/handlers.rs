@@ -55,7 +55,7 @@ pub(crate) enum Reply {
     Later(Work),
 }
 
-fn later(f: impl FnOnce() -> Result<Outgoing, ApiError> + Send + 'static) -> Reply {
+pub(super) fn later(f: impl FnOnce() -> Result<Outgoing, ApiError> + Send + 'static) -> Reply {
     Reply::Later(Box::pin(async move {
         tokio::task::spawn_blocking(f)
             .await
@@ -63,7 +63,7 @@ fn later(f: impl FnOnce() -> Result<Outgoing, ApiError> + Send + 'static) -> Rep
     }))
 }
 
-fn frame<T: WireHeader>(header: &T, payload_len: u64) -> Result<Vec<u8>, ApiError> {
+pub(super) fn frame<T: WireHeader>(header: &T, payload_len: u64) -> Result<Vec<u8>, ApiError> {
     wire::frame_head(T::OPCODE, 0, 0, header, payload_len)
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
@@ -73,11 +73,11 @@ fn ok_frame() -> Result<Outgoing, ApiError> {
 }
 
 /// The archived header of an already validated frame.
-fn header<T: WireHeader>(buf: &AlignedVec) -> Result<&T::Archived, ApiError> {
+pub(super) fn header<T: WireHeader>(buf: &AlignedVec) -> Result<&T::Archived, ApiError> {
     wire::access_header::<T>(T::OPCODE, buf).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-fn keys_of(keys: &rkyv::Archived<Vec<u128>>) -> Vec<ChunkKey> {
+pub(super) fn keys_of(keys: &rkyv::Archived<Vec<u128>>) -> Vec<ChunkKey> {
     keys.iter().map(|k| ChunkKey(k.to_native())).collect()
 }
 

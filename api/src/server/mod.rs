@@ -6,6 +6,7 @@
 
 mod conn;
 mod handlers;
+mod retrieve;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -59,6 +59,7 @@ pub fn visit_header_type<V: HeaderVisitor>(op: Opcode, v: V) -> V::Out {
         Opcode::ShmGet => v.visit::<ShmGetHeader>(),
         Opcode::MapArenas => v.visit::<MapArenasHeader>(),
         Opcode::GetLocated => v.visit::<GetLocatedHeader>(),
+        Opcode::Retrieve => v.visit::<RetrieveHeader>(),
         Opcode::HelloOk => v.visit::<HelloOkHeader>(),
         Opcode::Ok => v.visit::<OkHeader>(),
         Opcode::GetOk => v.visit::<GetOkHeader>(),
@@ -69,6 +70,7 @@ pub fn visit_header_type<V: HeaderVisitor>(op: Opcode, v: V) -> V::Out {
         Opcode::ShmRegisterOk => v.visit::<ShmRegisterOkHeader>(),
         Opcode::MapArenasOk => v.visit::<MapArenasOkHeader>(),
         Opcode::GetLocatedOk => v.visit::<GetLocatedOkHeader>(),
+        Opcode::RetrieveOk => v.visit::<RetrieveOkHeader>(),
         Opcode::Error => v.visit::<ErrorHeader>(),
     }
 }
@@ -302,6 +304,66 @@ wire_header!(LookupOkHeader, LookupOk, |a| {
     }
     Ok(())
 });
+
+/// Top-k keys of a stored prompt for decode queries. The payload holds `[n][heads][head_dim]`
+/// little-endian f32 query vectors (post-RoPE).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct RetrieveHeader {
+    /// The prompt's chunk keys, first chunk first.
+    pub keys: Vec<u128>,
+    pub layer: u32,
+    /// Query heads per query vector.
+    pub heads: u32,
+    pub k: u32,
+    pub accept_lossy: bool,
+}
+wire_header!(RetrieveHeader, Retrieve, |a| {
+    check_len("keys", a.keys.len())?;
+    if a.keys.is_empty() {
+        return Err("keys: a prompt has at least one chunk".into());
+    }
+    let (k, heads) = (a.k.to_native(), a.heads.to_native());
+    if k == 0 || k > crate::retrieval::MAX_K {
+        return Err(format!("k {k} out of 1..={}", crate::retrieval::MAX_K));
+    }
+    if heads == 0 || heads > 1024 {
+        return Err(format!("heads {heads} out of 1..=1024"));
+    }
+    Ok(())
+});
+
+/// Answer to `Retrieve`. The payload is `positions` (`[queries][heads][k]` little-endian u32),
+/// then the K rows and the V rows of those positions (`[queries][heads][k]` rows of `row_bytes`
+/// each, in the layout's dtype).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[rkyv(derive(Debug))]
+pub struct RetrieveOkHeader {
+    /// 0: exact scan, 1: the prompt's HNSW graphs.
+    pub index: u8,
+    /// Tokens in the prompt.
+    pub tokens: u64,
+    pub k: u32,
+    pub queries: u32,
+    pub heads: u32,
+    pub row_bytes: u32,
+}
+wire_header!(RetrieveOkHeader, RetrieveOk, |a| {
+    if a.index > 1 {
+        return Err(format!("unknown index kind {}", a.index));
+    }
+    Ok(())
+});
+
+impl RetrieveOkHeader {
+    /// The payload length this header announces, or `None` on overflow.
+    pub fn payload_len(&self) -> Option<u64> {
+        let entries = (self.queries as u64)
+            .checked_mul(self.heads as u64)?
+            .checked_mul(self.k as u64)?;
+        entries.checked_mul(4 + 2 * self.row_bytes as u64)
+    }
+}
 
 /// Pin chunks against eviction for `ttl_ms`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

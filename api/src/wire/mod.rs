@@ -72,6 +72,9 @@ pub const KNOWN_FLAGS: u16 = FLAG_NO_REPLY;
 /// Hard cap on any key or lease-id list in a header (the design's figure). [`Limits::max_keys`]
 /// is usually lower.
 pub const MAX_KEYS: usize = 4096;
+/// Largest query payload of one `Retrieve` (f32 query vectors).
+pub const MAX_RETRIEVE_QUERY_BYTES: u64 = 16 << 20;
+
 /// Most token ids one `Lookup` may carry in its payload.
 pub const MAX_LOOKUP_TOKENS: u64 = 1 << 20;
 
@@ -138,6 +141,7 @@ pub enum Opcode {
     ShmGet = 0x0b,
     MapArenas = 0x0c,
     GetLocated = 0x0d,
+    Retrieve = 0x0e,
     HelloOk = 0x81,
     Ok = 0x82,
     GetOk = 0x83,
@@ -148,11 +152,12 @@ pub enum Opcode {
     ShmRegisterOk = 0x89,
     MapArenasOk = 0x8c,
     GetLocatedOk = 0x8d,
+    RetrieveOk = 0x8e,
     Error = 0xff,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 24] = [
+    pub const ALL: [Opcode; 26] = [
         Opcode::Hello,
         Opcode::Put,
         Opcode::Get,
@@ -166,6 +171,7 @@ impl Opcode {
         Opcode::ShmGet,
         Opcode::MapArenas,
         Opcode::GetLocated,
+        Opcode::Retrieve,
         Opcode::HelloOk,
         Opcode::Ok,
         Opcode::GetOk,
@@ -176,6 +182,7 @@ impl Opcode {
         Opcode::ShmRegisterOk,
         Opcode::MapArenasOk,
         Opcode::GetLocatedOk,
+        Opcode::RetrieveOk,
         Opcode::Error,
     ];
 
@@ -201,6 +208,7 @@ impl Opcode {
             ShmRegister => ShmRegisterOk,
             MapArenas => MapArenasOk,
             GetLocated => GetLocatedOk,
+            Retrieve => RetrieveOk,
             _ => return None,
         })
     }
@@ -209,7 +217,8 @@ impl Opcode {
     /// a peer cannot make the other side drain gigabytes after, say, a `Stats` request.
     pub fn max_payload(self, limits: &Limits) -> u64 {
         match self {
-            Opcode::Put | Opcode::GetOk => limits.max_payload_len,
+            Opcode::Put | Opcode::GetOk | Opcode::RetrieveOk => limits.max_payload_len,
+            Opcode::Retrieve => limits.max_payload_len.min(MAX_RETRIEVE_QUERY_BYTES),
             Opcode::Lookup => limits.max_payload_len.min(MAX_LOOKUP_TOKENS * 4),
             _ => 0,
         }

@@ -1,0 +1,499 @@
+//! RETRIEVE: the top-k keys of a stored prompt for decode queries, with their K/V rows.
+//!
+//! - **Background builds.** The store's events feed [`Retrieval::observe`]: every newly stored
+//!   chunk becomes a prompt tip (its parent stops being one). A builder thread
+//!   ([`spawn_builder`]) waits until a tip has been quiet for `settle`, walks the parent chain
+//!   back to the first chunk, and when the prompt has at least `min_tokens` tokens of a
+//!   registered MHA layout, builds one HNSW graph per (layer, KV head) over its post-RoPE keys.
+//!   At most `max_prompts` prompts stay indexed (least recently used dropped); an index is
+//!   dropped as soon as any of its chunks is removed.
+//! - **Retrieve.** A request names the prompt's chunk keys (as a lookup returned them), a
+//!   layer, the number of query heads, one or more decode steps' queries and `k`. The chunks
+//!   are read from whichever tier holds them (decoded if compressed; lossy copies only when the
+//!   caller accepts them). With a built index for exactly those chunks the search walks the
+//!   graph; otherwise it is an exact scan over the layer's keys (always correct, and the reply
+//!   says which was used). Query head `h` searches KV head `h / (heads / kv_heads)`.
+//! - **Reply.** For each query vector and head: `k` token positions (best first), then the K
+//!   and V rows of those tokens in the layout's dtype.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use kvtier_cache::{AttentionKind, ChunkKey, GetOutcome, ModelLayout, StoreEvent, TieredStore};
+use kvtier_index::{
+    BuildInput, HeadIndexes, HnswConfig, HnswRetriever, MatrixView, Retriever, exact_top_k,
+};
+
+use crate::error::ApiError;
+
+/// Longest prompt (in chunks) a retrieve or a background build will walk.
+pub const MAX_PROMPT_CHUNKS: usize = 4096;
+/// Largest `k` a request may ask for.
+pub const MAX_K: u32 = 4096;
+
+/// Background build policy.
+#[derive(Debug, Clone)]
+pub struct RetrievalConfig {
+    /// Prompts shorter than this are not indexed in the background (0 disables builds).
+    pub min_tokens: u64,
+    /// Prompts kept indexed at once.
+    pub max_prompts: usize,
+    /// How long a prompt's last chunk must go unextended before its index is built.
+    pub settle: Duration,
+}
+
+impl Default for RetrievalConfig {
+    fn default() -> Self {
+        RetrievalConfig {
+            min_tokens: 4096,
+            max_prompts: 4,
+            settle: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Which search answered a retrieve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IndexUsed {
+    /// Exact scan over every key of the layer.
+    Exact = 0,
+    /// The prompt's background-built HNSW graphs.
+    Hnsw = 1,
+}
+
+/// One retrieve request (the tenant comes from the connection).
+#[derive(Debug, Clone)]
+pub struct RetrieveRequest {
+    /// The prompt's chunk keys, first chunk first.
+    pub keys: Vec<ChunkKey>,
+    pub layer: u32,
+    /// Query heads per query vector (a multiple of the layout's KV heads).
+    pub heads: u32,
+    /// `[n][heads][head_dim]` f32 query vectors (post-RoPE), `n >= 1`.
+    pub queries: Vec<f32>,
+    pub k: u32,
+    pub accept_lossy: bool,
+}
+
+/// A retrieve's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retrieved {
+    pub index: IndexUsed,
+    /// Tokens in the prompt.
+    pub tokens: u64,
+    /// Positions per (query, head): `min(k, tokens)`.
+    pub k: u32,
+    /// `[n][heads][k]` token positions, best first.
+    pub positions: Vec<u32>,
+    /// `[n][heads][k][head_dim]` K rows, in the layout's dtype.
+    pub k_rows: Vec<u8>,
+    /// Same shape, V rows.
+    pub v_rows: Vec<u8>,
+}
+
+/// Graphs of one prompt: `[layer][kv_head]`.
+struct PromptIndex {
+    tenant: u64,
+    keys: Vec<ChunkKey>,
+    tokens: u64,
+    graphs: HeadIndexes<HnswRetriever>,
+}
+
+/// The retrieval service state. Shared behind an `Arc`.
+pub struct Retrieval {
+    layouts: HashMap<u64, ModelLayout>,
+    config: RetrievalConfig,
+    /// Most recently used last.
+    built: Mutex<Vec<Arc<PromptIndex>>>,
+    /// Prompt tips not yet extended or built: (tenant, key) -> last change.
+    tips: Mutex<HashMap<(u64, ChunkKey), Instant>>,
+}
+
+/// A prompt's chunks as read from the store.
+struct Prompt {
+    layout: ModelLayout,
+    /// `(tokens, raw bytes)` per chunk.
+    chunks: Vec<(usize, Bytes)>,
+    tokens: usize,
+}
+
+impl Prompt {
+    fn row_bytes(&self) -> usize {
+        self.layout.head_dim as usize * self.layout.dtype.size()
+    }
+
+    /// Byte offset of the K row of (`layer`, chunk-local token `t`, `kv_head`) in a chunk of
+    /// `n` tokens; the V row is `n * kv_heads` rows later.
+    fn k_offset(&self, layer: usize, n: usize, t: usize, kv_head: usize) -> usize {
+        layer * self.layout.layer_bytes(n)
+            + (t * self.layout.kv_heads as usize + kv_head) * self.row_bytes()
+    }
+
+    /// `[tokens × head_dim]` f32 keys of one (layer, KV head).
+    fn keys_f32(&self, layer: usize, kv_head: usize) -> Vec<f32> {
+        let rb = self.row_bytes();
+        let mut raw = Vec::with_capacity(self.tokens * rb);
+        for (n, bytes) in &self.chunks {
+            for t in 0..*n {
+                let off = self.k_offset(layer, *n, t, kv_head);
+                raw.extend_from_slice(&bytes[off..off + rb]);
+            }
+        }
+        kvtier_compress::shape::to_f32(self.layout.dtype, &raw)
+    }
+
+    /// Appends the K and V rows of prompt position `pos`.
+    fn push_rows(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        pos: usize,
+        k: &mut Vec<u8>,
+        v: &mut Vec<u8>,
+    ) {
+        let mut p = pos;
+        for (n, bytes) in &self.chunks {
+            if p < *n {
+                let rb = self.row_bytes();
+                let off = self.k_offset(layer, *n, p, kv_head);
+                k.extend_from_slice(&bytes[off..off + rb]);
+                let voff = off + n * self.layout.kv_heads as usize * rb;
+                v.extend_from_slice(&bytes[voff..voff + rb]);
+                return;
+            }
+            p -= n;
+        }
+    }
+}
+
+impl Retrieval {
+    /// Retrieval over chunks of `layouts` (others are refused with a clear error).
+    pub fn new(layouts: impl IntoIterator<Item = ModelLayout>, config: RetrievalConfig) -> Self {
+        Retrieval {
+            layouts: layouts.into_iter().map(|l| (l.fingerprint(), l)).collect(),
+            config,
+            built: Mutex::new(Vec::new()),
+            tips: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Tracks prompt tips and drops indexes whose chunks went away. Cheap: called from store
+    /// listeners on the writing thread.
+    pub fn observe(&self, ev: &StoreEvent) {
+        match ev {
+            StoreEvent::Stored { key, meta, .. } if self.config.min_tokens > 0 => {
+                let mut tips = self.tips.lock();
+                if let Some(parent) = meta.parent {
+                    tips.remove(&(meta.tenant, parent));
+                }
+                tips.insert((meta.tenant, *key), Instant::now());
+            }
+            StoreEvent::Stored { .. } => {}
+            StoreEvent::Removed { key, tenant } => {
+                self.built
+                    .lock()
+                    .retain(|p| p.tenant != *tenant || !p.keys.contains(key));
+                self.tips.lock().remove(&(*tenant, *key));
+            }
+            StoreEvent::Cleared { tenant } => {
+                self.built.lock().retain(|p| p.tenant != *tenant);
+                self.tips.lock().retain(|(t, _), _| t != tenant);
+            }
+        }
+    }
+
+    /// Prompts indexed now: (tenant, chunk keys, tokens), least recently used first.
+    pub fn indexed(&self) -> Vec<(u64, Vec<ChunkKey>, u64)> {
+        self.built
+            .lock()
+            .iter()
+            .map(|p| (p.tenant, p.keys.clone(), p.tokens))
+            .collect()
+    }
+
+    /// Builds the indexes of prompts whose tips have settled. Returns how many were built.
+    /// CPU heavy: runs on the builder thread.
+    pub fn build_settled(&self, store: &TieredStore) -> usize {
+        let now = Instant::now();
+        let ready: Vec<(u64, ChunkKey)> = {
+            let mut tips = self.tips.lock();
+            let ready: Vec<_> = tips
+                .iter()
+                .filter(|(_, t)| now.duration_since(**t) >= self.config.settle)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in &ready {
+                tips.remove(k);
+            }
+            ready
+        };
+        let mut built = 0;
+        for (tenant, tip) in ready {
+            let Some(keys) = chain(store, tenant, tip) else {
+                continue;
+            };
+            match self.build(store, tenant, &keys) {
+                Ok(true) => built += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!("retrieval index for prompt ending at {tip}: {e}"),
+            }
+        }
+        built
+    }
+
+    /// Builds (or refreshes) the index of one prompt. `Ok(false)` when it is too short, of an
+    /// unregistered layout, or already indexed.
+    fn build(&self, store: &TieredStore, tenant: u64, keys: &[ChunkKey]) -> Result<bool, ApiError> {
+        if self
+            .built
+            .lock()
+            .iter()
+            .any(|p| p.tenant == tenant && p.keys == keys)
+        {
+            return Ok(false);
+        }
+        let tokens: u64 = keys
+            .iter()
+            .filter_map(|k| store.info(tenant, *k))
+            .map(|i| i.meta.tokens as u64)
+            .sum();
+        if tokens < self.config.min_tokens {
+            return Ok(false);
+        }
+        let prompt = match self.read_prompt(store, tenant, keys, true) {
+            Ok(p) => p,
+            Err(ApiError::BadRequest(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let layers = prompt.layout.num_layers as usize;
+        let kv_heads = prompt.layout.kv_heads as usize;
+        let dim = prompt.layout.head_dim as usize;
+        let cfg = HnswConfig::default();
+        let graphs = HeadIndexes::build(layers, kv_heads, kv_heads, |layer, kvh| {
+            let keys = prompt.keys_f32(layer, kvh);
+            HnswRetriever::build(BuildInput::keys(MatrixView::new(&keys, dim)?), &cfg)
+        })
+        .map_err(|e| ApiError::Internal(format!("index build failed: {e}")))?;
+        let mut built = self.built.lock();
+        built.retain(|p| !(p.tenant == tenant && p.keys == keys));
+        built.push(Arc::new(PromptIndex {
+            tenant,
+            keys: keys.to_vec(),
+            tokens: prompt.tokens as u64,
+            graphs,
+        }));
+        let excess = built.len().saturating_sub(self.config.max_prompts.max(1));
+        built.drain(..excess);
+        Ok(true)
+    }
+
+    /// Reads every chunk of a prompt (any tier), checking that they share one registered MHA
+    /// layout.
+    fn read_prompt(
+        &self,
+        store: &TieredStore,
+        tenant: u64,
+        keys: &[ChunkKey],
+        accept_lossy: bool,
+    ) -> Result<Prompt, ApiError> {
+        if keys.is_empty() || keys.len() > MAX_PROMPT_CHUNKS {
+            return Err(ApiError::BadRequest(format!(
+                "a prompt has 1..={MAX_PROMPT_CHUNKS} chunks (got {})",
+                keys.len()
+            )));
+        }
+        let mut layout: Option<&ModelLayout> = None;
+        let mut chunks = Vec::with_capacity(keys.len());
+        for key in keys {
+            let read = match store.get(tenant, *key, accept_lossy)? {
+                GetOutcome::Hit(r) => r,
+                GetOutcome::Miss => {
+                    return Err(ApiError::NotFound(format!("chunk {key} is not stored")));
+                }
+                GetOutcome::FidelityRejected(f) => {
+                    return Err(ApiError::NotFound(format!(
+                        "chunk {key} is only held {f}; ask with accept_lossy"
+                    )));
+                }
+            };
+            let l = self.layouts.get(&read.meta.layout).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "layout {:016x} of chunk {key} is not registered (add it to `layouts`)",
+                    read.meta.layout
+                ))
+            })?;
+            if layout.is_some_and(|first| first != l) {
+                return Err(ApiError::BadRequest(format!(
+                    "chunk {key} has another layout than the prompt's first chunk"
+                )));
+            }
+            if l.attention != AttentionKind::Mha {
+                return Err(ApiError::BadRequest(
+                    "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
+                ));
+            }
+            let n = read.meta.tokens as usize;
+            if read.meta.codec != kvtier_cache::tier::CODEC_RAW
+                || read.bytes.len() != l.chunk_bytes(n)
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "chunk {key} is not a raw chunk of its layout ({} bytes for {n} tokens)",
+                    read.bytes.len()
+                )));
+            }
+            layout = Some(l);
+            chunks.push((n, read.bytes));
+        }
+        let layout = layout.expect("at least one chunk").clone();
+        let tokens = chunks.iter().map(|(n, _)| n).sum();
+        Ok(Prompt {
+            layout,
+            chunks,
+            tokens,
+        })
+    }
+
+    /// Answers one retrieve request of `tenant`. CPU and possibly disk work: call it from a
+    /// blocking thread.
+    pub fn retrieve(
+        &self,
+        store: &TieredStore,
+        tenant: u64,
+        req: &RetrieveRequest,
+    ) -> Result<Retrieved, ApiError> {
+        let prompt = self.read_prompt(store, tenant, &req.keys, req.accept_lossy)?;
+        let l = &prompt.layout;
+        let (layers, kv_heads, dim) = (
+            l.num_layers as usize,
+            l.kv_heads as usize,
+            l.head_dim as usize,
+        );
+        let layer = req.layer as usize;
+        let heads = req.heads as usize;
+        if layer >= layers {
+            return Err(ApiError::BadRequest(format!(
+                "layer {layer} is not below {layers}"
+            )));
+        }
+        if heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(ApiError::BadRequest(format!(
+                "{heads} query heads cannot be grouped over {kv_heads} KV heads"
+            )));
+        }
+        if req.k == 0 || req.k > MAX_K {
+            return Err(ApiError::BadRequest(format!("k must be in 1..={MAX_K}")));
+        }
+        let per_query = heads * dim;
+        if req.queries.is_empty() || !req.queries.len().is_multiple_of(per_query) {
+            return Err(ApiError::BadRequest(format!(
+                "queries must be whole [heads={heads}][head_dim={dim}] f32 vectors ({} floats given)",
+                req.queries.len()
+            )));
+        }
+        if !req.queries.iter().all(|x| x.is_finite()) {
+            return Err(ApiError::BadRequest("queries must be finite".into()));
+        }
+        let k = (req.k as usize).min(prompt.tokens);
+        let index = self.lookup_index(tenant, &req.keys);
+        let group = heads / kv_heads;
+        // Exact scans need the layer's keys per KV head as f32; converted on first use.
+        let mut exact_keys: Vec<Option<Vec<f32>>> = vec![None; kv_heads];
+        let mut exact = |kvh: usize, q: &[f32]| -> Result<Vec<u32>, ApiError> {
+            let keys = exact_keys[kvh].get_or_insert_with(|| prompt.keys_f32(layer, kvh));
+            let view = MatrixView::new(keys, dim).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(exact_top_k(view, q, k))
+        };
+        let n = req.queries.len() / per_query;
+        let mut out = Retrieved {
+            index: if index.is_some() {
+                IndexUsed::Hnsw
+            } else {
+                IndexUsed::Exact
+            },
+            tokens: prompt.tokens as u64,
+            k: k as u32,
+            positions: Vec::with_capacity(n * heads * k),
+            k_rows: Vec::with_capacity(n * heads * k * prompt.row_bytes()),
+            v_rows: Vec::with_capacity(n * heads * k * prompt.row_bytes()),
+        };
+        for (i, q) in req.queries.chunks_exact(dim).enumerate() {
+            let kvh = (i % heads) / group;
+            let graph = match &index {
+                Some(p) => Some(
+                    p.graphs
+                        .search(layer, kvh, q, k)
+                        .map_err(|e| ApiError::BadRequest(e.to_string()))?
+                        .positions,
+                ),
+                None => None,
+            };
+            // A graph walk that comes back short (rare, tiny graphs) is answered exactly.
+            let found = match graph {
+                Some(g) if g.len() == k => g,
+                _ => exact(kvh, q)?,
+            };
+            for &pos in &found {
+                prompt.push_rows(layer, kvh, pos as usize, &mut out.k_rows, &mut out.v_rows);
+            }
+            out.positions.extend_from_slice(&found);
+        }
+        Ok(out)
+    }
+
+    /// The built index for exactly these chunks, marked most recently used.
+    fn lookup_index(&self, tenant: u64, keys: &[ChunkKey]) -> Option<Arc<PromptIndex>> {
+        let mut built = self.built.lock();
+        let i = built
+            .iter()
+            .position(|p| p.tenant == tenant && p.keys == keys)?;
+        let p = built.remove(i);
+        built.push(p.clone());
+        Some(p)
+    }
+}
+
+/// The chunk keys of the prompt ending at `tip`, first chunk first, by parent links; `None`
+/// when a link is missing or the depths do not count down to 0.
+fn chain(store: &TieredStore, tenant: u64, tip: ChunkKey) -> Option<Vec<ChunkKey>> {
+    let mut keys = vec![tip];
+    let mut info = store.info(tenant, tip)?;
+    while let Some(parent) = info.meta.parent {
+        if keys.len() >= MAX_PROMPT_CHUNKS {
+            return None;
+        }
+        let p = store.info(tenant, parent)?;
+        if p.meta.depth + 1 != info.meta.depth {
+            return None;
+        }
+        keys.push(parent);
+        info = p;
+    }
+    (info.meta.depth == 0).then(|| {
+        keys.reverse();
+        keys
+    })
+}
+
+/// Starts the background builder: a plain thread that wakes every `settle / 2` and builds the
+/// settled prompts. It holds the store weakly and exits when the store is gone.
+pub fn spawn_builder(retrieval: Arc<Retrieval>, store: Weak<TieredStore>) -> std::io::Result<()> {
+    if retrieval.config.min_tokens == 0 {
+        return Ok(());
+    }
+    let tick = (retrieval.config.settle / 2).max(Duration::from_millis(20));
+    std::thread::Builder::new()
+        .name("kvtier-index-builder".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(tick);
+                let Some(store) = store.upgrade() else { return };
+                retrieval.build_settled(&store);
+            }
+        })
+        .map(|_| ())
+}

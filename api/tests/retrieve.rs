@@ -1,0 +1,219 @@
+//! RETRIEVE end to end over the data plane: exact answers before an index exists, the
+//! background HNSW build once the prompt settles, K/V rows equal to the stored rows, tenant
+//! isolation, bad requests, and index invalidation when a chunk goes away.
+
+use std::time::{Duration, Instant};
+
+use kvtier::client::{Client, ClientOptions};
+use kvtier::config::ServeConfig;
+use kvtier::server::{Listeners, run};
+use kvtier::service::Service;
+use kvtier_cache::{ChunkMeta, Dtype, ModelLayout, Namespace};
+
+const CHUNK: usize = 64;
+const CHUNKS: usize = 8;
+const TOKENS: usize = CHUNK * CHUNKS;
+const DIM: usize = 16;
+const HEADS: u32 = 4; // query heads; 2 per KV head
+
+fn layout() -> ModelLayout {
+    ModelLayout::mha("retrieval-test", 2, 2, DIM as u32, Dtype::F32)
+}
+
+/// Deterministic pseudo-random keys and values in [-1, 1).
+fn value(seed: u64) -> f32 {
+    let x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+/// K (or V) element of (layer, kv, token, kv_head, d) of the whole prompt.
+fn elem(layer: usize, kv: usize, t: usize, h: usize, d: usize) -> f32 {
+    value((((layer * 2 + kv) * TOKENS + t) * 2 + h) as u64 * 64 + d as u64)
+}
+
+/// Raw chunk `c`: `[layer][K|V][token][kv_head][head_dim]` f32.
+fn chunk(c: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for layer in 0..2 {
+        for kv in 0..2 {
+            for t in c * CHUNK..(c + 1) * CHUNK {
+                for h in 0..2 {
+                    for d in 0..DIM {
+                        out.extend_from_slice(&elem(layer, kv, t, h, d).to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn row(layer: usize, kv: usize, t: usize, h: usize) -> Vec<u8> {
+    (0..DIM)
+        .flat_map(|d| elem(layer, kv, t, h, d).to_le_bytes())
+        .collect()
+}
+
+/// Exact top-k positions of `q` over KV head `h` of `layer`.
+fn exact(layer: usize, h: usize, q: &[f32], k: usize) -> Vec<u32> {
+    let mut s: Vec<(f32, u32)> = (0..TOKENS)
+        .map(|t| {
+            let dot: f32 = (0..DIM).map(|d| elem(layer, 0, t, h, d) * q[d]).sum();
+            (dot, t as u32)
+        })
+        .collect();
+    s.sort_by(|a, b| b.0.total_cmp(&a.0));
+    s.into_iter().take(k).map(|(_, t)| t).collect()
+}
+
+async fn client(addr: &str, tenant: &str) -> Client {
+    Client::connect(
+        addr,
+        ClientOptions {
+            token: None,
+            tenant: Some(tenant.into()),
+            client_name: "retrieve-test".into(),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieve_exact_then_indexed_with_rows_isolation_and_invalidation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServeConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        host_bytes: 64 << 20,
+        disk_bytes: 0,
+        layouts: vec![layout()],
+        retrieval_min_tokens: TOKENS as u64,
+        ..ServeConfig::default()
+    };
+    let svc = Service::open(config).unwrap();
+    let listeners = Listeners::bind(&svc).await.unwrap();
+    let addr = listeners.data.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(svc.clone(), listeners, async move {
+        let _ = stopped.await;
+    }));
+
+    let c = client(&addr, "t").await;
+    let mut ns = Namespace::new(layout().fingerprint(), "t");
+    ns.chunk_tokens = CHUNK as u32;
+    let mut chain = ns.hasher();
+    let mut keys = Vec::new();
+    for i in 0..CHUNKS {
+        let tokens: Vec<u32> = (0..CHUNK as u32).map(|t| t + (i * CHUNK) as u32).collect();
+        let key = chain.next_key(&tokens);
+        let data = chunk(i);
+        let mut meta = ChunkMeta::raw(
+            0,
+            layout().fingerprint(),
+            CHUNK as u32,
+            i as u32,
+            data.len() as u64,
+        );
+        meta.parent = keys.last().copied();
+        c.put(key, &meta, &data).await.unwrap();
+        keys.push(key);
+    }
+
+    // Two decode steps' queries for all 4 query heads of layer 1.
+    let queries: Vec<f32> = (0..2 * HEADS as usize * DIM)
+        .map(|i| value(9_000_000 + i as u64))
+        .collect();
+    let k = 10u32;
+    let first = c
+        .retrieve(&keys, 1, HEADS, &queries, k, false)
+        .await
+        .unwrap();
+    assert!(
+        first.exact,
+        "no index can exist yet (the prompt has not settled)"
+    );
+    assert_eq!((first.tokens, first.k), (TOKENS as u64, k));
+    assert_eq!(first.positions.len(), 2 * HEADS as usize * k as usize);
+    for (i, q) in queries.chunks_exact(DIM).enumerate() {
+        let kvh = (i % HEADS as usize) / 2;
+        let got = &first.positions[i * k as usize..][..k as usize];
+        assert_eq!(got, exact(1, kvh, q, k as usize).as_slice(), "query {i}");
+        for (j, &p) in got.iter().enumerate() {
+            let at = (i * k as usize + j) * first.row_bytes;
+            assert_eq!(
+                &first.k_rows[at..at + first.row_bytes],
+                row(1, 0, p as usize, kvh)
+            );
+            assert_eq!(
+                &first.v_rows[at..at + first.row_bytes],
+                row(1, 1, p as usize, kvh)
+            );
+        }
+    }
+
+    // The background builder indexes the prompt once it settles.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while svc.retrieval.indexed().is_empty() {
+        assert!(Instant::now() < deadline, "index never built");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(svc.retrieval.indexed()[0].1, keys);
+    let second = c
+        .retrieve(&keys, 1, HEADS, &queries, k, false)
+        .await
+        .unwrap();
+    assert!(!second.exact, "answered from the graph");
+    let mut hits = 0;
+    for i in 0..2 * HEADS as usize {
+        let want = &first.positions[i * k as usize..][..k as usize];
+        let got = &second.positions[i * k as usize..][..k as usize];
+        hits += got.iter().filter(|p| want.contains(p)).count();
+    }
+    let recall = hits as f64 / first.positions.len() as f64;
+    assert!(recall >= 0.9, "HNSW recall {recall}");
+
+    // Another tenant cannot retrieve over these chunks.
+    let other = client(&addr, "u").await;
+    let err = other
+        .retrieve(&keys, 1, HEADS, &queries, k, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not stored"), "{err}");
+    // Bad requests get clear errors and the connection keeps working.
+    let err = c
+        .retrieve(&keys, 2, HEADS, &queries, k, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("layer 2"), "{err}");
+    let err = c
+        .retrieve(&keys, 0, 3, &queries[..3 * DIM], k, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be grouped"), "{err}");
+    let err = c
+        .retrieve(&keys, 0, HEADS, &queries[..DIM + 1], k, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("whole"), "{err}");
+    assert!(
+        c.retrieve(&keys, 0, HEADS, &queries, k, false)
+            .await
+            .is_ok()
+    );
+
+    // Removing a chunk drops the index; the prompt can no longer be retrieved.
+    assert_eq!(c.delete(&[keys[3]]).await.unwrap(), 1);
+    assert!(svc.retrieval.indexed().is_empty());
+    let err = c
+        .retrieve(&keys, 1, HEADS, &queries, k, false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not stored"), "{err}");
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
