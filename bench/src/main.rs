@@ -36,6 +36,8 @@ enum Suite {
     Capture(suites::capture::Args),
     /// Long-context key retrieval: exact, HNSW and attention-aware top-k on a KV dump.
     Retrieval(suites::retrieval::Args),
+    /// RETRIEVE through a running service (exact scan vs background-built HNSW) on a KV dump.
+    Retrieve(suites::retrieve::Args),
     /// Layer-wise KV budgets: uniform vs SqueezeAttention allocation, streaming and H2O selection.
     Budget(suites::budget::Args),
     /// Reference engine: SmolLM2 greedy generation reusing prefix KV through kvtier; cold vs warm TTFT.
@@ -50,6 +52,7 @@ fn main() -> Result<()> {
         Suite::Compress(a) => suites::compress::run(a),
         Suite::Capture(a) => suites::capture::run(a),
         Suite::Retrieval(a) => suites::retrieval::run(a),
+        Suite::Retrieve(a) => suites::retrieve::run(a),
         Suite::Budget(a) => suites::budget::run(a),
         Suite::Engine(a) => suites::engine::run(a),
     }

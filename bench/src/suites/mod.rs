@@ -6,5 +6,6 @@ pub mod compress;
 pub mod engine;
 pub mod load;
 pub mod retrieval;
+pub mod retrieve;
 pub mod store;
 pub mod wire;
