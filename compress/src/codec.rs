@@ -55,29 +55,41 @@ pub trait Codec: Send + Sync {
 pub fn inspect(encoded: &[u8]) -> Result<(u16, Fidelity)> {
     let c = container::parse(encoded)?;
     let fidelity = match c.codec {
+        CODEC_XKV => crate::xkv::chunk_fidelity(&c)?,
+        other => static_fidelity(other)?,
+    };
+    Ok((c.codec, fidelity))
+}
+
+/// The fidelity of a codec whose fidelity does not depend on its parameters (all but xKV).
+fn static_fidelity(codec: u16) -> Result<Fidelity> {
+    Ok(match codec {
         CODEC_LZ4 | CODEC_PLANES_LZ4 => Fidelity::Lossless,
         CODEC_KIVI_INT8 => Fidelity::Lossy {
-            codec: c.codec,
+            codec,
             error_bound: crate::quant::Kivi::error_bound(8),
         },
         CODEC_KIVI_INT4 => Fidelity::Lossy {
-            codec: c.codec,
+            codec,
             error_bound: crate::quant::Kivi::error_bound(4),
         },
         CODEC_FP8_E4M3 => Fidelity::Lossy {
-            codec: c.codec,
+            codec,
             error_bound: crate::fp8::FP8_REL_BOUND,
         },
-        CODEC_XKV => crate::xkv::chunk_fidelity(&c)?,
         other => return Err(CompressError::UnknownCodec(other)),
-    };
-    Ok((c.codec, fidelity))
+    })
 }
 
 /// Decodes any container whose codec needs no external state. xKV chunks need their basis:
 /// use [`crate::xkv::xkv_decode`].
 pub fn decode_any(encoded: &[u8]) -> Result<(Fidelity, Vec<u8>)> {
-    let (codec, fidelity) = inspect(encoded)?;
+    // Each decoder parses and checksums the container itself: one pass over the bytes, not two.
+    let codec = container::peek_codec(encoded)?;
+    let fidelity = match codec {
+        CODEC_XKV => return Err(CompressError::NeedsBasis(codec)),
+        other => static_fidelity(other)?,
+    };
     let raw = match codec {
         CODEC_LZ4 => crate::lossless::decode_plain(encoded)?,
         CODEC_PLANES_LZ4 => crate::lossless::decode_planes(encoded)?,

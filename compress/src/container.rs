@@ -61,6 +61,21 @@ fn checksum(container: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&container[..28]), &container[HEADER_LEN..])
 }
 
+/// The codec id a container's header names, checked only for magic and length. Decoders parse
+/// (and checksum) the container themselves; use [`parse`] before trusting anything else.
+pub fn peek_codec(bytes: &[u8]) -> Result<u16> {
+    if bytes.len() < HEADER_LEN {
+        return Err(CompressError::BadLength(format!(
+            "{} bytes is shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if bytes[..4] != MAGIC {
+        return Err(CompressError::BadMagic);
+    }
+    Ok(u16::from_le_bytes([bytes[6], bytes[7]]))
+}
+
 /// Parses and verifies a container: magic, version, exact lengths, checksum.
 pub fn parse(bytes: &[u8]) -> Result<Container<'_>> {
     if bytes.len() < HEADER_LEN {

@@ -99,8 +99,8 @@ impl Transcoder for StoreCodec {
     }
 
     fn decode(&self, meta: &ChunkMeta, payload: &[u8]) -> kvtier_cache::Result<Vec<u8>> {
-        let (codec, _) =
-            crate::codec::inspect(payload).map_err(|e| CacheError::Codec(e.to_string()))?;
+        let codec =
+            crate::container::peek_codec(payload).map_err(|e| CacheError::Codec(e.to_string()))?;
         if codec != meta.codec {
             return Err(CacheError::Codec(format!(
                 "record says codec {}, payload is codec {codec}",

@@ -10,6 +10,7 @@
 //!   tokens;
 //! - [`budget`]: SqueezeAttention's layer clustering and budget reallocation;
 //! - [`select`]: StreamingLLM / H2O token selection and pruning a prompt's KV to a selection;
+//! - [`pruned`]: the stored form of a pruned chunk;
 //! - [`conformance`]: the recall and contract suite every retriever passes.
 //!
 //! Index builds are CPU heavy and synchronous; async callers run them on blocking threads.
@@ -22,6 +23,7 @@ pub mod error;
 pub mod exact;
 pub mod hnsw;
 pub mod matrix;
+pub mod pruned;
 pub mod retriever;
 pub mod select;
 
@@ -32,6 +34,7 @@ pub use error::{IndexError, Result};
 pub use exact::{BruteForce, exact_top_k, exact_top_k_batch, top_k_of_scores};
 pub use hnsw::{HnswConfig, HnswRetriever};
 pub use matrix::{MatrixView, dot};
+pub use pruned::{CODEC_PRUNED, decode_pruned, encode_pruned};
 pub use retriever::{BuildInput, HeadIndexes, Retriever, SearchResult};
 pub use select::{PrunedLayer, SelectionPolicy, prune_kv, select_tokens};
 
