@@ -101,6 +101,13 @@ pub struct ServeConfig {
     pub retrieval_min_tokens: u64,
     /// Prompts kept indexed at once (least recently used dropped).
     pub retrieval_max_prompts: usize,
+    /// Host usage (fraction of `host_bytes`) above which prompts of `lossy_tenants` are squeezed
+    /// to a layer budget before whole chunks are evicted; 0 disables.
+    pub squeeze_watermark: f64,
+    /// Tokens a squeezed prompt keeps per layer on average, as a fraction of its tokens.
+    pub squeeze_fraction: f64,
+    /// Share of the uniform budget the least important layers keep when squeezed.
+    pub squeeze_p: f64,
 }
 
 impl Default for ServeConfig {
@@ -128,6 +135,9 @@ impl Default for ServeConfig {
             layouts: Vec::new(),
             retrieval_min_tokens: 4096,
             retrieval_max_prompts: 4,
+            squeeze_watermark: 0.9,
+            squeeze_fraction: 0.5,
+            squeeze_p: 0.5,
         }
     }
 }
@@ -299,6 +309,15 @@ impl ServeConfig {
                  (got {:?}); set lossy_disk_codec and lossy_tenants for lossy storage",
                 self.disk_codec
             );
+        }
+        if !(0.0..1.0).contains(&self.squeeze_watermark) {
+            bail!("squeeze_watermark must be in [0, 1) (0 disables)");
+        }
+        if !(self.squeeze_fraction > 0.0 && self.squeeze_fraction <= 1.0) {
+            bail!("squeeze_fraction must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.squeeze_p) {
+            bail!("squeeze_p must be in [0, 1]");
         }
         for l in &self.layouts {
             l.validate()

@@ -7,6 +7,7 @@
 //! - [`error`]: the service error type and its HTTP mapping.
 
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -459,7 +459,7 @@ impl Retrieval {
 
 /// The chunk keys of the prompt ending at `tip`, first chunk first, by parent links; `None`
 /// when a link is missing or the depths do not count down to 0.
-fn chain(store: &TieredStore, tenant: u64, tip: ChunkKey) -> Option<Vec<ChunkKey>> {
+pub(crate) fn chain(store: &TieredStore, tenant: u64, tip: ChunkKey) -> Option<Vec<ChunkKey>> {
     let mut keys = vec![tip];
     let mut info = store.info(tenant, tip)?;
     while let Some(parent) = info.meta.parent {

@@ -15,6 +15,7 @@ use kvtier_compress::StoreCodec;
 use kvtier_compress::policy::{CodecPolicy, TierCodecs};
 
 use crate::auth::Auth;
+use crate::budget::{Importance, SqueezeConfig};
 use crate::config::{DurabilityMode, ServeConfig};
 use crate::retrieval::{Retrieval, RetrievalConfig};
 
@@ -29,6 +30,8 @@ pub struct Service {
     pub events: broadcast::Sender<StoreEvent>,
     /// RETRIEVE and its background index builds.
     pub retrieval: Arc<Retrieval>,
+    /// Layer importance per layout, learned from budget requests (used by the squeezer).
+    pub importance: Arc<Importance>,
     /// Why the disk tier is not in use, when it was configured but could not be opened.
     pub disk_error: Option<String>,
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
@@ -104,6 +107,23 @@ impl Service {
         let observer = retrieval.clone();
         store.subscribe(move |e| observer.observe(e));
         crate::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))?;
+        let importance = Arc::new(Importance::default());
+        crate::budget::spawn_squeezer(
+            Arc::downgrade(&store),
+            layouts(&config),
+            importance.clone(),
+            config
+                .lossy_tenants
+                .iter()
+                .map(|t| kvtier_cache::key::tenant_id(t))
+                .collect(),
+            SqueezeConfig {
+                watermark: config.squeeze_watermark,
+                fraction: config.squeeze_fraction,
+                p: config.squeeze_p,
+                sinks: 4,
+            },
+        )?;
         let auth = Auth::new(config.token.clone(), &config.tenant_tokens);
         Ok(Arc::new(Service {
             config,
@@ -111,6 +131,7 @@ impl Service {
             auth,
             events,
             retrieval,
+            importance,
             disk_error,
             shared_arenas,
             started: Instant::now(),

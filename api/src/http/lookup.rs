@@ -106,7 +106,7 @@ pub(super) async fn lookup(State(st): State<AppState>, headers: HeaderMap, body:
 }
 
 /// Reads the whole body, refusing (413) as soon as it passes `limit`.
-async fn read_limited(body: Body, limit: usize) -> HttpResult<Bytes> {
+pub(super) async fn read_limited(body: Body, limit: usize) -> HttpResult<Bytes> {
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
     while let Some(frame) = stream.next().await {

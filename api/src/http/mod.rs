@@ -12,6 +12,7 @@
 //! [`lookup`], [`chunks`], [`events`] and [`openapi`]. Work that may touch the disk or scan the
 //! whole index runs on blocking threads ([`blocking`]).
 
+mod budget;
 mod chunks;
 mod events;
 mod info;
@@ -58,6 +59,7 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
             get(openapi::serve_document),
         ),
         (Method::POST, "/v1/lookup", post(lookup::lookup)),
+        (Method::POST, "/v1/prompts/budget", post(budget::budget)),
         (Method::GET, "/v1/chunks", get(chunks::list)),
         (Method::GET, "/v1/chunks/{key}", get(chunks::show)),
         (Method::DELETE, "/v1/chunks/{key}", delete(chunks::remove)),

@@ -93,6 +93,13 @@ pub fn document() -> Value {
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/LookupRequest" } } } },
                 "responses": with_errors("200", ok_json("the cached prefix", "LookupResponse"), &["400", "401", "413"])
             }},
+            "/v1/prompts/budget": { "post": {
+                "operationId": "applyBudget",
+                "summary": "Prune a stored prompt of the caller's tenant to a SqueezeAttention layer budget: every chunk is rewritten keeping only each layer's selected tokens (codec 7, lossy). Only tenants in lossy_tenants.",
+                "parameters": [ { "$ref": TENANT } ],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/BudgetRequest" } } } },
+                "responses": with_errors("200", ok_json("what was kept", "BudgetResponse"), &["400", "401", "404", "413", "507"])
+            }},
             "/v1/chunks": { "get": {
                 "operationId": "listChunks",
                 "summary": "The caller's chunks in key order, paged",
@@ -183,6 +190,24 @@ fn components() -> Value {
                 "salt": { "type": "string", "nullable": true, "description": "LoRA id or cache salt" },
                 "chunk_tokens": { "type": "integer", "default": 256, "minimum": 1, "maximum": 65536 },
                 "tokens": { "type": "array", "maxItems": 1048576, "items": { "type": "integer", "minimum": 0, "maximum": 4294967295u64 } }
+            }},
+            "BudgetRequest": { "type": "object", "required": ["keys", "fraction"], "properties": {
+                "keys": { "type": "array", "items": { "$ref": "#/components/schemas/Key" }, "description": "the prompt's chunks, first first" },
+                "fraction": { "type": "number", "description": "tokens kept per layer on average, as a fraction of the prompt, in (0, 1]" },
+                "layer_cos": { "type": "array", "items": { "type": "number" }, "description": "per-layer importance; omitted: uniform budgets" },
+                "p": { "type": "number", "default": 0.5, "description": "share of the uniform budget the least important layers keep" },
+                "policy": { "type": "string", "enum": ["streaming", "h2o"], "default": "streaming" },
+                "sinks": { "type": "integer", "default": 4 },
+                "recent_ratio": { "type": "number", "default": 0.5, "description": "h2o: share of the budget after the sinks kept as the recent window" },
+                "scores": { "type": "array", "items": { "type": "array", "items": { "type": "number" } }, "description": "h2o: accumulated attention [layer][token]" }
+            }},
+            "BudgetResponse": { "type": "object", "properties": {
+                "tokens": { "type": "integer" },
+                "budgets": { "type": "array", "items": { "type": "integer" } },
+                "squeezed_layers": { "type": "array", "items": { "type": "integer" } },
+                "chunks": { "type": "integer" },
+                "bytes_before": { "type": "integer" },
+                "bytes_after": { "type": "integer" }
             }},
             "LookupResponse": { "type": "object", "properties": {
                 "hit_tokens": { "type": "integer" },
