@@ -136,9 +136,13 @@ pub struct PutArgs {
     key: ChunkKey,
     /// File holding the chunk's bytes.
     file: PathBuf,
-    /// Layout fingerprint recorded with the chunk.
-    #[arg(long, value_parser = parse_u64, default_value = "0")]
-    layout_fingerprint: u64,
+    /// Layout fingerprint recorded with the chunk [default: 0, no layout].
+    #[arg(long, value_parser = parse_u64, conflicts_with = "model")]
+    layout_fingerprint: Option<u64>,
+    /// A known model layout instead of a fingerprint (llama-3.1-8b or smollm2-135m): the file
+    /// must then be exactly one chunk of that layout, and the server can compress it.
+    #[arg(long)]
+    model: Option<String>,
     /// Tokens in the chunk.
     #[arg(long, default_value_t = 256)]
     tokens: u32,
@@ -149,14 +153,24 @@ pub struct PutArgs {
 
 pub(super) async fn put(a: PutArgs) -> Result<()> {
     let data = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let fingerprint = match (&a.model, a.layout_fingerprint) {
+        (Some(m), _) => {
+            let layout = known_layout(m)?;
+            let want = layout.chunk_bytes(a.tokens as usize);
+            if data.len() != want {
+                bail!(
+                    "{} holds {} bytes; one {m} chunk of {} tokens is {want} bytes",
+                    a.file.display(),
+                    data.len(),
+                    a.tokens
+                );
+            }
+            layout.fingerprint()
+        }
+        (None, fp) => fp.unwrap_or(0),
+    };
     let c = connect(&a.remote).await?;
-    let meta = ChunkMeta::raw(
-        0,
-        a.layout_fingerprint,
-        a.tokens,
-        a.depth,
-        data.len() as u64,
-    );
+    let meta = ChunkMeta::raw(0, fingerprint, a.tokens, a.depth, data.len() as u64);
     let t = Instant::now();
     c.put(a.key, &meta, &data).await?;
     let secs = t.elapsed().as_secs_f64();
