@@ -5,6 +5,7 @@
 //! container's params together with the rest of the shape. That makes a container decodable on its
 //! own and lets decode refuse a payload that does not match.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use kvtier_cache::{AttentionKind, Dtype, ModelLayout};
 
@@ -21,17 +22,16 @@ pub fn check_float_dtype(dtype: Dtype) -> Result<()> {
     }
 }
 
+/// Elements converted per batch by the 16-bit paths: `half`'s slice conversions use the CPU's
+/// conversion instructions (F16C) on whole blocks, where converting element by element pays a
+/// feature check and a call per value (they were the largest cost of quantised and xKV codecs).
+const BATCH: usize = 4096;
+
 /// Widens a raw payload of `dtype` elements to f32.
 pub fn to_f32(dtype: Dtype, raw: &[u8]) -> Vec<f32> {
     match dtype {
-        Dtype::F16 => raw
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::Bf16 => raw
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        Dtype::F16 => widen16::<f16>(raw),
+        Dtype::Bf16 => widen16::<bf16>(raw),
         Dtype::F32 => raw
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -40,16 +40,52 @@ pub fn to_f32(dtype: Dtype, raw: &[u8]) -> Vec<f32> {
     }
 }
 
+/// A 16-bit float type `half` converts in bulk.
+trait Half16: Copy + Default + bytemuck::Pod
+where
+    [Self]: HalfFloatSliceExt,
+{
+}
+impl Half16 for f16 {}
+impl Half16 for bf16 {}
+
+fn widen16<H: Half16>(raw: &[u8]) -> Vec<f32>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let n = raw.len() / 2;
+    let mut out = vec![0f32; n];
+    let mut halves = vec![H::default(); BATCH.min(n)];
+    for (src, dst) in raw.chunks(2 * BATCH).zip(out.chunks_mut(BATCH)) {
+        let h = &mut halves[..dst.len()];
+        for (x, b) in h.iter_mut().zip(src.chunks_exact(2)) {
+            *x = bytemuck::cast(u16::from_le_bytes([b[0], b[1]]));
+        }
+        h.convert_to_f32_slice(dst);
+    }
+    out
+}
+
+fn narrow16<H: Half16>(values: &[f32], out: &mut Vec<u8>)
+where
+    [H]: HalfFloatSliceExt,
+{
+    let mut halves = vec![H::default(); BATCH.min(values.len())];
+    for src in values.chunks(BATCH) {
+        let h = &mut halves[..src.len()];
+        h.convert_from_f32_slice(src);
+        for x in h.iter() {
+            out.extend_from_slice(&bytemuck::cast::<H, u16>(*x).to_le_bytes());
+        }
+    }
+}
+
 /// Narrows f32 values into `out` as `dtype` elements (round to nearest even).
 pub fn from_f32(dtype: Dtype, values: &[f32], out: &mut Vec<u8>) {
     out.reserve(values.len() * dtype.size());
     match dtype {
-        Dtype::F16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        Dtype::Bf16 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        Dtype::F16 => narrow16::<f16>(values, out),
+        Dtype::Bf16 => narrow16::<bf16>(values, out),
         Dtype::F32 => values
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
