@@ -346,13 +346,33 @@ impl DiskTier {
         }
     }
 
-    /// Drops `key` from the index if it still points at the record found corrupt.
+    /// Drops `key` if the index still points at the record found corrupt, writing a tombstone
+    /// so a restart does not find (and refuse) the same record again. The check and the
+    /// tombstone happen under the writer lock, which orders every index change, so a good record
+    /// put in the meantime is never tombstoned. If the tombstone cannot be written (disk full,
+    /// failed sync) the key is only dropped from the index; the record stays refused by its
+    /// checksum either way. The tombstone is not waited on for durability.
     fn drop_corrupt(&self, key: ChunkKey, bad: &IndexEntry) {
-        let removed = self.index.remove_if(&key, |_, cur| {
-            cur.segment == bad.segment && cur.offset == bad.offset
-        });
-        if let Some((_, old)) = removed {
+        let still_bad = |cur: &IndexEntry| cur.segment == bad.segment && cur.offset == bad.offset;
+        let mut dropped = false;
+        if !self.commit.is_poisoned() {
+            self.commit.append_started();
+            {
+                let mut w = self.writer.lock();
+                if self.index.get(&key).is_some_and(|cur| still_bad(&cur)) {
+                    dropped = matches!(
+                        self.write_tombstone(&mut w, Header::tombstone(0, key)),
+                        Ok(Some((_, _, true)))
+                    );
+                }
+            }
+            self.commit.append_finished();
+        }
+        if !dropped && let Some((_, old)) = self.index.remove_if(&key, |_, cur| still_bad(cur)) {
             self.release(&old);
+            dropped = true;
+        }
+        if dropped {
             self.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
