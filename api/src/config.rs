@@ -101,6 +101,9 @@ pub struct ServeConfig {
     pub retrieval_min_tokens: u64,
     /// Prompts kept indexed at once (least recently used dropped).
     pub retrieval_max_prompts: usize,
+    /// Memory the retrieval indexes may use (about 2.3 KB per token, layer and KV head).
+    #[serde(with = "size")]
+    pub retrieval_index_bytes: u64,
     /// Host usage (fraction of `host_bytes`) above which prompts of `lossy_tenants` are squeezed
     /// to a layer budget before whole chunks are evicted; 0 disables.
     pub squeeze_watermark: f64,
@@ -135,6 +138,7 @@ impl Default for ServeConfig {
             layouts: Vec::new(),
             retrieval_min_tokens: 4096,
             retrieval_max_prompts: 4,
+            retrieval_index_bytes: 1 << 30,
             squeeze_watermark: 0.9,
             squeeze_fraction: 0.5,
             squeeze_p: 0.5,

@@ -34,6 +34,10 @@ use crate::error::ApiError;
 pub const MAX_PROMPT_CHUNKS: usize = 4096;
 /// Largest `k` a request may ask for.
 pub const MAX_K: u32 = 4096;
+/// Resident bytes one indexed key costs (HNSW graph with M = 24 plus the f32 copy it keeps for
+/// exact fallbacks), as measured by `kvtier-bench retrieve` (2,232 B on SmolLM2 keys, d = 64).
+/// Used to keep the indexes inside `max_bytes`.
+pub const INDEX_BYTES_PER_KEY: u64 = 2300;
 
 /// Background build policy.
 #[derive(Debug, Clone)]
@@ -42,6 +46,10 @@ pub struct RetrievalConfig {
     pub min_tokens: u64,
     /// Prompts kept indexed at once.
     pub max_prompts: usize,
+    /// Memory the indexes may use, estimated at [`INDEX_BYTES_PER_KEY`] per (token, layer, KV
+    /// head); least recently used indexes are dropped to stay under it, and a prompt whose
+    /// index alone would exceed it is not indexed (RETRIEVE then scans exactly).
+    pub max_bytes: u64,
     /// How long a prompt's last chunk must go unextended before its index is built.
     pub settle: Duration,
 }
@@ -51,6 +59,7 @@ impl Default for RetrievalConfig {
         RetrievalConfig {
             min_tokens: 4096,
             max_prompts: 4,
+            max_bytes: 1 << 30,
             settle: Duration::from_millis(500),
         }
     }
@@ -101,6 +110,8 @@ struct PromptIndex {
     tenant: u64,
     keys: Vec<ChunkKey>,
     tokens: u64,
+    /// Estimated resident bytes.
+    bytes: u64,
     graphs: HeadIndexes<HnswRetriever>,
 }
 
@@ -265,6 +276,22 @@ impl Retrieval {
         if tokens < self.config.min_tokens {
             return Ok(false);
         }
+        let layout_keys = keys
+            .first()
+            .and_then(|k| store.info(tenant, *k))
+            .and_then(|i| self.layouts.get(&i.meta.layout))
+            .map(|l| l.num_layers as u64 * l.kv_heads as u64);
+        let Some(per_token) = layout_keys else {
+            return Ok(false);
+        };
+        let bytes = tokens * per_token * INDEX_BYTES_PER_KEY;
+        if bytes > self.config.max_bytes {
+            tracing::info!(
+                "prompt of {tokens} tokens not indexed: its index (~{} MiB) exceeds retrieval_index_bytes",
+                bytes >> 20
+            );
+            return Ok(false);
+        }
         let prompt = match self.read_prompt(store, tenant, keys, true) {
             Ok(p) => p,
             Err(ApiError::BadRequest(_)) => return Ok(false),
@@ -285,10 +312,15 @@ impl Retrieval {
             tenant,
             keys: keys.to_vec(),
             tokens: prompt.tokens as u64,
+            bytes,
             graphs,
         }));
         let excess = built.len().saturating_sub(self.config.max_prompts.max(1));
         built.drain(..excess);
+        while built.len() > 1 && built.iter().map(|p| p.bytes).sum::<u64>() > self.config.max_bytes
+        {
+            built.remove(0);
+        }
         Ok(true)
     }
 

@@ -101,6 +101,7 @@ impl Service {
             RetrievalConfig {
                 min_tokens: config.retrieval_min_tokens,
                 max_prompts: config.retrieval_max_prompts,
+                max_bytes: config.retrieval_index_bytes,
                 ..RetrievalConfig::default()
             },
         ));

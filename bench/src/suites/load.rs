@@ -16,7 +16,7 @@ use kvtier::client::{Client, ClientOptions};
 use kvtier_cache::{ChunkKey, ChunkMeta};
 
 use crate::inproc::InProcessServer;
-use crate::report::Figures;
+use crate::report::{Figures, rss};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,20 +37,6 @@ const KEYS: u64 = 4096; // 1 GiB of distinct chunks: four times the host budget
 
 fn payload_for(key: u64) -> Vec<u8> {
     crate::inproc::payload(CHUNK, key)
-}
-
-/// Resident memory of this process, from /proc (kB → bytes), and its peak.
-fn rss() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -24,7 +24,7 @@ use kvtier_index::{MatrixView, exact_top_k};
 
 use crate::dump::KvDump;
 use crate::inproc::{InProcessServer, runtime};
-use crate::report::{Figures, median};
+use crate::report::{Figures, median, rss};
 
 const CHUNK: usize = 256;
 
@@ -263,17 +263,26 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     srv.stop()?;
     // Indexed: builds on for prompts of this length.
-    let srv = InProcessServer::start(host, |c| c.retrieval_min_tokens = prompt as u64)?;
-    let (build_s, hnsw) = rt.block_on(async {
+    let srv = InProcessServer::start(host, |c| {
+        c.retrieval_min_tokens = prompt as u64;
+        c.retrieval_index_bytes = 64 << 30;
+    })?;
+    let (build_s, index_bytes, hnsw) = rt.block_on(async {
         let c = Client::connect(&srv.unix, opts()).await?;
         let keys = put_prompt(&c, &d, &layout, chunks).await?;
         let t = Instant::now();
+        let before = rss().0;
         while srv.svc.retrieval.indexed().is_empty() {
             ensure!(t.elapsed() < Duration::from_secs(3600), "index never built");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let build_s = t.elapsed().as_secs_f64();
-        anyhow::Ok((build_s, measure(&c, &keys, &reqs, &d, k).await?))
+        let index_bytes = rss().0.saturating_sub(before);
+        anyhow::Ok((
+            build_s,
+            index_bytes,
+            measure(&c, &keys, &reqs, &d, k).await?,
+        ))
     })?;
     srv.stop().context("stopping the indexed server")?;
 
@@ -297,7 +306,8 @@ pub fn run(args: Args) -> Result<()> {
         "service, HNSW", hnsw_us, hnsw.recall, hnsw.rows_match
     );
     println!(
-        "index build after the last put: {build_s:.1} s; {} of {} indexed answers came from the graph; total {:.0} s",
+        "index build after the last put: {build_s:.1} s, {:.0} MiB resident; {} of {} indexed answers came from the graph; total {:.0} s",
+        index_bytes as f64 / (1 << 20) as f64,
         hnsw.micros.len() - hnsw.exact_answers,
         hnsw.micros.len(),
         t0.elapsed().as_secs_f64()
@@ -316,6 +326,11 @@ pub fn run(args: Args) -> Result<()> {
     f.set("rows_match", exact.rows_match && hnsw.rows_match);
     f.set("graph_answers", hnsw.micros.len() - hnsw.exact_answers);
     f.num("build_s", build_s);
+    f.num("index_mib", index_bytes as f64 / (1 << 20) as f64);
+    f.num(
+        "index_bytes_per_key",
+        index_bytes as f64 / (prompt * d.layers * d.kv_heads) as f64,
+    );
     f.print();
     Ok(())
 }
