@@ -136,9 +136,11 @@ impl Default for ServeConfig {
             lossy_disk_codec: CodecName::Int8,
             lossy_tenants: Vec::new(),
             layouts: Vec::new(),
-            retrieval_min_tokens: 4096,
+            // On CPU an exact scan of 8k keys costs about what an HNSW search does (bench:
+            // retrieve, retrieval); indexes pay off only for longer prompts, and cost ~9x the KV.
+            retrieval_min_tokens: 16384,
             retrieval_max_prompts: 4,
-            retrieval_index_bytes: 1 << 30,
+            retrieval_index_bytes: 4 << 30,
             squeeze_watermark: 0.9,
             squeeze_fraction: 0.5,
             squeeze_p: 0.5,

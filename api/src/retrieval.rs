@@ -57,9 +57,9 @@ pub struct RetrievalConfig {
 impl Default for RetrievalConfig {
     fn default() -> Self {
         RetrievalConfig {
-            min_tokens: 4096,
+            min_tokens: 16384,
             max_prompts: 4,
-            max_bytes: 1 << 30,
+            max_bytes: 4 << 30,
             settle: Duration::from_millis(500),
         }
     }
