@@ -115,6 +115,20 @@ struct PromptIndex {
     graphs: HeadIndexes<HnswRetriever>,
 }
 
+/// Converted layer keys kept for exact scans (most recently used last).
+struct LayerKeys {
+    tenant: u64,
+    keys: Vec<ChunkKey>,
+    /// Addresses of the chunk buffers the keys were converted from: a chunk re-put under its
+    /// key, or read again from disk, lives elsewhere, so stale keys are never used.
+    ids: Vec<usize>,
+    layer: u32,
+    values: Arc<Vec<Vec<f32>>>,
+}
+
+/// Layers whose f32 keys stay cached for exact scans (a few MB each for an 8k-token prompt).
+const LAYER_CACHE: usize = 32;
+
 /// The retrieval service state. Shared behind an `Arc`.
 pub struct Retrieval {
     layouts: HashMap<u64, ModelLayout>,
@@ -123,6 +137,7 @@ pub struct Retrieval {
     built: Mutex<Vec<Arc<PromptIndex>>>,
     /// Prompt tips not yet extended or built: (tenant, key) -> last change.
     tips: Mutex<HashMap<(u64, ChunkKey), Instant>>,
+    layer_cache: Mutex<Vec<LayerKeys>>,
 }
 
 /// A prompt's chunks as read from the store.
@@ -190,6 +205,7 @@ impl Retrieval {
             config,
             built: Mutex::new(Vec::new()),
             tips: Mutex::new(HashMap::new()),
+            layer_cache: Mutex::new(Vec::new()),
         }
     }
 
@@ -209,10 +225,14 @@ impl Retrieval {
                 self.built
                     .lock()
                     .retain(|p| p.tenant != *tenant || !p.keys.contains(key));
+                self.layer_cache
+                    .lock()
+                    .retain(|e| e.tenant != *tenant || !e.keys.contains(key));
                 self.tips.lock().remove(&(*tenant, *key));
             }
             StoreEvent::Cleared { tenant } => {
                 self.built.lock().retain(|p| p.tenant != *tenant);
+                self.layer_cache.lock().retain(|e| e.tenant != *tenant);
                 self.tips.lock().retain(|(t, _), _| t != tenant);
             }
         }
@@ -433,11 +453,22 @@ impl Retrieval {
         let k = (req.k as usize).min(prompt.tokens);
         let index = self.lookup_index(tenant, &req.keys);
         let group = heads / kv_heads;
-        // Exact scans need the layer's keys per KV head as f32; converted on first use.
-        let mut exact_keys: Vec<Option<Vec<f32>>> = vec![None; kv_heads];
+        // Exact scans need the layer's keys per KV head as f32: converted on first use and kept
+        // in a small cache, since decode steps ask for the same prompt and layer again and again.
+        let mut exact_keys: Option<Arc<Vec<Vec<f32>>>> = None;
         let mut exact = |kvh: usize, q: &[f32]| -> Result<Vec<u32>, ApiError> {
-            let keys = exact_keys[kvh].get_or_insert_with(|| prompt.keys_f32(layer, kvh));
-            let view = MatrixView::new(keys, dim).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let keys = exact_keys.get_or_insert_with(|| {
+                let ids = prompt
+                    .chunks
+                    .iter()
+                    .map(|(_, b)| b.as_ptr() as usize)
+                    .collect();
+                self.layer_keys(tenant, &req.keys, ids, req.layer, || {
+                    (0..kv_heads).map(|h| prompt.keys_f32(layer, h)).collect()
+                })
+            });
+            let view =
+                MatrixView::new(&keys[kvh], dim).map_err(|e| ApiError::Internal(e.to_string()))?;
             Ok(exact_top_k(view, q, k))
         };
         let n = req.queries.len() / per_query;
@@ -475,6 +506,41 @@ impl Retrieval {
             out.positions.extend_from_slice(&found);
         }
         Ok(out)
+    }
+
+    /// The f32 keys of one layer of a prompt (`[kv_head][token × head_dim]`), from the cache or
+    /// converted by `convert` and cached.
+    fn layer_keys(
+        &self,
+        tenant: u64,
+        keys: &[ChunkKey],
+        ids: Vec<usize>,
+        layer: u32,
+        convert: impl FnOnce() -> Vec<Vec<f32>>,
+    ) -> Arc<Vec<Vec<f32>>> {
+        let mut cache = self.layer_cache.lock();
+        if let Some(i) = cache
+            .iter()
+            .position(|e| e.tenant == tenant && e.layer == layer && e.keys == keys && e.ids == ids)
+        {
+            let e = cache.remove(i);
+            let v = e.values.clone();
+            cache.push(e);
+            return v;
+        }
+        drop(cache);
+        let values = Arc::new(convert());
+        let mut cache = self.layer_cache.lock();
+        cache.push(LayerKeys {
+            tenant,
+            keys: keys.to_vec(),
+            ids,
+            layer,
+            values: values.clone(),
+        });
+        let excess = cache.len().saturating_sub(LAYER_CACHE);
+        cache.drain(..excess);
+        values
     }
 
     /// The built index for exactly these chunks, marked most recently used.
