@@ -300,6 +300,13 @@ impl Model {
                     // Query i sits at position first_pos + i and sees keys 0..=first_pos + i.
                     let visible = first_pos + i + 1;
                     let (seen, masked) = row.split_at_mut(visible);
+                    if let Some(keep) = &kv.keep {
+                        for (s, k) in seen.iter_mut().zip(keep) {
+                            if !k {
+                                *s = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
                     let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0f32;
                     for s in seen.iter_mut() {

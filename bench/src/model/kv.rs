@@ -17,6 +17,9 @@ use kvtier_cache::Dtype;
 pub struct LayerKv {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    /// Positions attention may use, when the layer was pruned to a budget: `keep[p]` for the
+    /// first `keep.len()` positions; later positions are always visible.
+    pub keep: Option<Vec<bool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +69,18 @@ impl KvCache {
         let l = &mut self.layers[layer];
         l.k.extend_from_slice(k);
         l.v.extend_from_slice(v);
+    }
+
+    /// Restricts attention in `layer` to the positions in `kept` among the first `len()`
+    /// (tokens appended later stay visible): a budget applied to the cached prompt.
+    pub fn keep_only(&mut self, layer: usize, kept: &[u32]) {
+        let mut keep = vec![false; self.len];
+        for &p in kept {
+            if let Some(k) = keep.get_mut(p as usize) {
+                *k = true;
+            }
+        }
+        self.layers[layer].keep = Some(keep);
     }
 
     pub(crate) fn commit(&mut self, tokens: usize) {

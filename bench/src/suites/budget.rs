@@ -56,6 +56,11 @@ pub struct Args {
     /// Writes every setting's per-layer budgets and kept positions as JSON.
     #[arg(long)]
     pub write_selection: Option<PathBuf>,
+    /// Also run the real model (SmolLM2, fetched if missing) over the decode positions with
+    /// each setting's pruned cache and compare its next-token distributions with the full
+    /// cache's (KL divergence, top-1 agreement, perplexity of the actual text).
+    #[arg(long)]
+    pub model_eval: bool,
 }
 
 const FRACTIONS: [f64; 4] = [0.1, 0.2, 0.3, 0.5];
@@ -204,6 +209,7 @@ pub fn run(args: Args) -> Result<()> {
     let wsum: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
     let mut f = Figures::new("budget");
     let mut settings = Vec::new();
+    let mut pruned: Vec<(&str, f64, &str, Vec<Vec<u32>>)> = Vec::new();
     println!(
         "\n{:<10} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "policy", "frac", "uniform", "squeeze", "ratio", "uniform_w", "squeeze_w"
@@ -244,6 +250,9 @@ pub fn run(args: Args) -> Result<()> {
                     .sum::<f64>()
                     / wsum;
                 errs[ai] = (mean, weighted);
+                if args.model_eval {
+                    pruned.push((policy_name, frac, allocation, kept.clone()));
+                }
                 if args.write_selection.is_some() {
                     settings.push(json!({"fraction": frac, "allocation": allocation, "policy": policy_name, "budgets": budgets, "kept": kept}));
                 }
@@ -278,6 +287,9 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    if args.model_eval {
+        model_eval(&dump, prompt, &pruned, &mut f)?;
+    }
     f.set("headline_policy", "h2o");
     f.num("p", args.p);
     f.set("tokens", dump.tokens);
@@ -286,5 +298,103 @@ pub fn run(args: Args) -> Result<()> {
     f.set("h2o_score_stride", stride);
     f.num("seconds", t0.elapsed().as_secs_f64());
     f.print();
+    Ok(())
+}
+
+/// Next-token quality of the real model with each pruned cache against the full cache: the
+/// prompt's K/V come from the dump, the decode positions' tokens are run through the model with
+/// every layer restricted to its kept prompt positions.
+fn model_eval(
+    dump: &KvDump,
+    prompt: usize,
+    pruned: &[(&str, f64, &str, Vec<Vec<u32>>)],
+    f: &mut Figures,
+) -> Result<()> {
+    use crate::model::forward::Logits;
+    use crate::model::{KvCache, Model};
+    let t = Instant::now();
+    let model = Model::load_default()?;
+    let (layers, kvh, d) = (dump.layers, dump.kv_heads, dump.head_dim);
+    let mut base = KvCache::new(layers, kvh, d);
+    for l in 0..layers {
+        let rows = |src: &[f32]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(prompt * kvh * d);
+            for tok in 0..prompt {
+                for h in 0..kvh {
+                    let i = dump.kv_index(l, h, tok);
+                    out.extend_from_slice(&src[i..i + d]);
+                }
+            }
+            out
+        };
+        base.push_layer(l, &rows(&dump.k), &rows(&dump.v));
+    }
+    base.commit(prompt);
+    let tokens: Vec<u32> = dump.token_ids[prompt..].iter().map(|t| *t as u32).collect();
+    let reference = model.forward(&tokens, &mut base.clone(), Logits::All)?;
+    let vocab = reference.len() / tokens.len();
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = row
+            .iter()
+            .map(|x| (*x as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
+        row.iter().map(|x| *x as f64 - lse).collect()
+    };
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    let ref_lp: Vec<Vec<f64>> = reference.chunks_exact(vocab).map(log_softmax).collect();
+    // NLL of the actual next token, where the text has one.
+    let nll = |lp: &[Vec<f64>]| -> f64 {
+        let n = tokens.len() - 1;
+        -(0..n).map(|i| lp[i][tokens[i + 1] as usize]).sum::<f64>() / n as f64
+    };
+    let ref_ppl = nll(&ref_lp).exp();
+    println!(
+        "\nmodel eval: {} decode tokens after a {prompt}-token prompt, full-cache perplexity {ref_ppl:.2}",
+        tokens.len()
+    );
+    println!(
+        "{:<10} {:>5} {:>9} {:>10} {:>8} {:>8}",
+        "policy", "frac", "alloc", "KL", "top1", "ppl"
+    );
+    for (policy, frac, allocation, kept) in pruned {
+        let mut cache = base.clone();
+        for (l, k) in kept.iter().enumerate() {
+            cache.keep_only(l, k);
+        }
+        let logits = model.forward(&tokens, &mut cache, Logits::All)?;
+        let lp: Vec<Vec<f64>> = logits.chunks_exact(vocab).map(log_softmax).collect();
+        let kl = ref_lp
+            .iter()
+            .zip(&lp)
+            .map(|(p, q)| p.iter().zip(q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>())
+            .sum::<f64>()
+            / lp.len() as f64;
+        let top1 = reference
+            .chunks_exact(vocab)
+            .zip(logits.chunks_exact(vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count() as f64
+            / tokens.len() as f64;
+        let ppl = nll(&lp).exp();
+        println!("{policy:<10} {frac:>5.2} {allocation:>9} {kl:>10.5} {top1:>8.3} {ppl:>8.2}");
+        let pct = (frac * 100.0).round() as usize;
+        let suffix = if *policy == "h2o" {
+            String::new()
+        } else {
+            format!("_{policy}")
+        };
+        f.num(&format!("{allocation}_kl_{pct}{suffix}"), kl);
+        f.num(&format!("{allocation}_top1_{pct}{suffix}"), top1);
+    }
+    f.num("model_full_ppl", ref_ppl);
+    println!("model eval in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
 }
