@@ -138,3 +138,35 @@ fn model_chunked_prefill_matches_one_shot() {
     assert_eq!(last.len(), m.config.vocab);
     assert!(max_abs_diff(&last, &a[9 * m.config.vocab..10 * m.config.vocab]) < 2e-3);
 }
+
+#[test]
+fn keeping_every_position_changes_nothing_and_dropping_them_does() {
+    let m = model();
+    let ids = prose_tokens(96);
+    let (prompt, rest) = ids.split_at(80);
+    let mut base = m.new_cache();
+    m.forward(prompt, &mut base, Logits::Last).unwrap();
+    let full = m.forward(rest, &mut base.clone(), Logits::All).unwrap();
+    let layers = base.num_layers();
+    let all: Vec<u32> = (0..prompt.len() as u32).collect();
+    let mut kept_all = base.clone();
+    for l in 0..layers {
+        kept_all.keep_only(l, &all);
+    }
+    let same = m.forward(rest, &mut kept_all, Logits::All).unwrap();
+    assert_eq!(same, full, "a mask keeping every position is no mask");
+    // Sinks plus the last 8 prompt tokens: the output moves, but stays a distribution over the
+    // same vocabulary and the new tokens still see each other.
+    let few: Vec<u32> = (0..4).chain(72..80).collect();
+    let mut pruned = base.clone();
+    for l in 0..layers {
+        pruned.keep_only(l, &few);
+    }
+    let other = m.forward(rest, &mut pruned, Logits::All).unwrap();
+    assert_eq!(other.len(), full.len());
+    assert!(
+        max_abs_diff(&other, &full) > 1e-3,
+        "pruning must change the logits"
+    );
+    assert!(other.iter().all(|x| x.is_finite()));
+}

@@ -18,6 +18,11 @@
 //! other; `_w` figures weight layers by `1 − layer_cos` (how much attention moves the residual
 //! stream), a proxy for how much a layer's error matters downstream.
 //!
+//! `--model-eval` also runs the real model over the decode positions with each setting's pruned
+//! cache (every layer's attention masked to its kept prompt positions) and reports the mean KL
+//! divergence of its next-token distributions from the full cache's, top-1 agreement and the
+//! perplexity of the actual text (`uniform_kl_20`, `squeeze_kl_20`, ...).
+//!
 //! `--write-selection FILE` writes `{"tokens", "prompt", "p", "groups": [label per layer],
 //! "settings": [{"fraction", "allocation", "policy", "budgets": [per layer], "kept": [[positions]
 //! per layer]}]}`.
