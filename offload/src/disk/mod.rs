@@ -352,6 +352,7 @@ impl DiskTier {
     /// put in the meantime is never tombstoned. If the tombstone cannot be written (disk full,
     /// failed sync) the key is only dropped from the index; the record stays refused by its
     /// checksum either way. The tombstone is not waited on for durability.
+    /// Must not be called with the writer lock held (compaction uses [`Self::forget_corrupt`]).
     fn drop_corrupt(&self, key: ChunkKey, bad: &IndexEntry) {
         let still_bad = |cur: &IndexEntry| cur.segment == bad.segment && cur.offset == bad.offset;
         let mut dropped = false;
@@ -368,11 +369,21 @@ impl DiskTier {
             }
             self.commit.append_finished();
         }
-        if !dropped && let Some((_, old)) = self.index.remove_if(&key, |_, cur| still_bad(cur)) {
-            self.release(&old);
-            dropped = true;
-        }
         if dropped {
+            self.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.forget_corrupt(key, bad);
+        }
+    }
+
+    /// Drops `key` from the index (no tombstone) if it still points at the record found
+    /// corrupt. Used under the writer lock by compaction, which deletes the record's segment.
+    fn forget_corrupt(&self, key: ChunkKey, bad: &IndexEntry) {
+        let removed = self.index.remove_if(&key, |_, cur| {
+            cur.segment == bad.segment && cur.offset == bad.offset
+        });
+        if let Some((_, old)) = removed {
+            self.release(&old);
             self.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -488,12 +499,31 @@ impl DiskTier {
 
     /// Reads the payload of `e`; `Ok(None)` when its segment vanished under a compaction.
     fn read_payload(&self, key: ChunkKey, e: &IndexEntry) -> Result<Option<Bytes>> {
+        self.read_payload_with(key, e, false)
+    }
+
+    /// [`Self::read_payload`] for callers holding the writer lock: a corrupt record is only
+    /// forgotten, since tombstoning it would take the lock again.
+    fn read_payload_locked(&self, key: ChunkKey, e: &IndexEntry) -> Result<Option<Bytes>> {
+        self.read_payload_with(key, e, true)
+    }
+
+    fn read_payload_with(
+        &self,
+        key: ChunkKey,
+        e: &IndexEntry,
+        locked: bool,
+    ) -> Result<Option<Bytes>> {
         let Some(seg) = self.segments.get(&e.segment).map(|s| s.clone()) else {
             return Ok(None);
         };
         let (buf, crc) = seg.read_checked(e.offset + HEADER_LEN as u64, e.payload_len as usize)?;
         if crc != e.payload_crc {
-            self.drop_corrupt(key, e);
+            if locked {
+                self.forget_corrupt(key, e);
+            } else {
+                self.drop_corrupt(key, e);
+            }
             return Err(CacheError::Corrupt(format!(
                 "payload checksum mismatch for chunk {key} at offset {} of {}",
                 e.offset,

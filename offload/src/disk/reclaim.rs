@@ -96,7 +96,7 @@ impl DiskTier {
                     }
                     // Reading through the checked path drops a damaged record instead of
                     // copying it.
-                    let Ok(Some(payload)) = self.read_payload(key, &entry) else {
+                    let Ok(Some(payload)) = self.read_payload_locked(key, &entry) else {
                         continue;
                     };
                     let mut header = Header::put(w.next_seq, key, entry.meta, &[]);

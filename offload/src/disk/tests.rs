@@ -540,3 +540,38 @@ fn large_payloads_round_trip_and_damage_in_any_piece_is_caught() {
     assert!(matches!(tier.get(ChunkKey(2)), Err(CacheError::Corrupt(_))));
     assert_holds(&tier, 1, len);
 }
+
+#[test]
+fn compaction_over_a_corrupt_record_drops_it_without_deadlock() {
+    let dir = TempDir::new().unwrap();
+    // 8 MiB budget: 1 MiB segments holding three 300 KiB records each.
+    let tier = std::sync::Arc::new(open(dir.path(), 8 << 20));
+    for k in 0..3 {
+        put(&tier, k, 300 << 10);
+    }
+    let loc = tier.locate(ChunkKey(0)).unwrap();
+    assert_eq!(tier.locate(ChunkKey(2)).unwrap().segment, loc.segment);
+    flip_byte(&loc.segment, loc.payload_offset + 77);
+    assert!(
+        tier.remove(ChunkKey(1)).unwrap(),
+        "garbage in the first segment"
+    );
+    // Filling the budget compacts the first segment, reading the damaged record under the
+    // writer lock. Run it on a thread so a deadlock fails the test instead of hanging it.
+    let (done, wait) = std::sync::mpsc::channel();
+    let t = tier.clone();
+    std::thread::spawn(move || {
+        for k in 10..40 {
+            let _ = t.put(ChunkKey(k), &meta(300 << 10), &payload(k as u64, 300 << 10));
+        }
+        let _ = done.send(());
+    });
+    wait.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("puts that compact a segment holding a corrupt record must finish");
+    assert!(tier.stats().segments_compacted > 0, "{:?}", tier.stats());
+    assert!(
+        !tier.contains(ChunkKey(0)),
+        "the damaged record is dropped, never copied"
+    );
+    assert!(tier.get(ChunkKey(0)).unwrap().is_none());
+}
