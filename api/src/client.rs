@@ -123,6 +123,8 @@ pub struct LookupReply {
 pub struct RetrieveReply {
     /// True when answered by an exact scan (no index built yet), false for the HNSW graphs.
     pub exact: bool,
+    /// True when some chunk was read from a lossy copy (the request accepted lossy data).
+    pub lossy: bool,
     /// Tokens in the prompt.
     pub tokens: u64,
     /// Positions per (query, head).
@@ -402,6 +404,7 @@ impl Client {
         let (k_rows, v_rows) = rest.split_at(rows);
         Ok(RetrieveReply {
             exact: head.index == 0,
+            lossy: head.lossy,
             tokens: head.tokens,
             k: head.k,
             positions: pos

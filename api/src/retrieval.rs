@@ -95,6 +95,9 @@ pub struct Retrieved {
     pub index: IndexUsed,
     /// Tokens in the prompt.
     pub tokens: u64,
+    /// Whether rows (and the keys searched) came from a lossy copy of some chunk; only possible
+    /// when the request accepted lossy data.
+    pub lossy: bool,
     /// Positions per (query, head): `min(k, tokens)`.
     pub k: u32,
     /// `[n][heads][k]` token positions, best first.
@@ -146,6 +149,8 @@ struct Prompt {
     /// `(tokens, raw bytes)` per chunk.
     chunks: Vec<(usize, Bytes)>,
     tokens: usize,
+    /// Whether any chunk was read from a lossy copy.
+    lossy: bool,
 }
 
 impl Prompt {
@@ -361,6 +366,7 @@ impl Retrieval {
         }
         let mut layout: Option<&ModelLayout> = None;
         let mut chunks = Vec::with_capacity(keys.len());
+        let mut lossy = false;
         for key in keys {
             let read = match store.get(tenant, *key, accept_lossy)? {
                 GetOutcome::Hit(r) => r,
@@ -399,6 +405,7 @@ impl Retrieval {
                 )));
             }
             layout = Some(l);
+            lossy |= !read.meta.fidelity.is_exact();
             chunks.push((n, read.bytes));
         }
         let layout = layout.expect("at least one chunk").clone();
@@ -407,6 +414,7 @@ impl Retrieval {
             layout,
             chunks,
             tokens,
+            lossy,
         })
     }
 
@@ -479,6 +487,7 @@ impl Retrieval {
                 IndexUsed::Exact
             },
             tokens: prompt.tokens as u64,
+            lossy: prompt.lossy,
             k: k as u32,
             positions: Vec::with_capacity(n * heads * k),
             k_rows: Vec::with_capacity(n * heads * k * prompt.row_bytes()),

@@ -51,6 +51,7 @@ pub(crate) async fn retrieve(
         let queries = r.positions.len() / (heads * r.k as usize).max(1);
         let h = RetrieveOkHeader {
             index: r.index as u8,
+            lossy: r.lossy,
             tokens: r.tokens,
             k: r.k,
             queries: queries as u32,

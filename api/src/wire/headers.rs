@@ -341,6 +341,8 @@ wire_header!(RetrieveHeader, Retrieve, |a| {
 pub struct RetrieveOkHeader {
     /// 0: exact scan, 1: the prompt's HNSW graphs.
     pub index: u8,
+    /// Set when some chunk was read from a lossy copy (only if the request accepted lossy).
+    pub lossy: bool,
     /// Tokens in the prompt.
     pub tokens: u64,
     pub k: u32,
