@@ -104,6 +104,8 @@ pub struct ServeConfig {
     /// Memory the retrieval indexes may use (about 2.3 KB per token, layer and KV head).
     #[serde(with = "size")]
     pub retrieval_index_bytes: u64,
+    /// Links per node of the retrieval HNSW graphs.
+    pub retrieval_hnsw_links: usize,
     /// Host usage (fraction of `host_bytes`) above which prompts of `lossy_tenants` are squeezed
     /// to a layer budget before whole chunks are evicted; 0 disables.
     pub squeeze_watermark: f64,
@@ -141,6 +143,7 @@ impl Default for ServeConfig {
             retrieval_min_tokens: 16384,
             retrieval_max_prompts: 4,
             retrieval_index_bytes: 4 << 30,
+            retrieval_hnsw_links: 24,
             squeeze_watermark: 0.9,
             squeeze_fraction: 0.5,
             squeeze_p: 0.5,

@@ -52,6 +52,8 @@ pub struct RetrievalConfig {
     pub max_bytes: u64,
     /// How long a prompt's last chunk must go unextended before its index is built.
     pub settle: Duration,
+    /// Links per node of the HNSW graphs (memory and build time grow with it).
+    pub hnsw_links: usize,
 }
 
 impl Default for RetrievalConfig {
@@ -61,6 +63,7 @@ impl Default for RetrievalConfig {
             max_prompts: 4,
             max_bytes: 4 << 30,
             settle: Duration::from_millis(500),
+            hnsw_links: 24,
         }
     }
 }
@@ -325,7 +328,10 @@ impl Retrieval {
         let layers = prompt.layout.num_layers as usize;
         let kv_heads = prompt.layout.kv_heads as usize;
         let dim = prompt.layout.head_dim as usize;
-        let cfg = HnswConfig::default();
+        let cfg = HnswConfig {
+            max_connections: self.config.hnsw_links.clamp(2, 256),
+            ..HnswConfig::default()
+        };
         let graphs = HeadIndexes::build(layers, kv_heads, kv_heads, |layer, kvh| {
             let keys = prompt.keys_f32(layer, kvh);
             HnswRetriever::build(BuildInput::keys(MatrixView::new(&keys, dim)?), &cfg)

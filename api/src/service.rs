@@ -102,6 +102,7 @@ impl Service {
                 min_tokens: config.retrieval_min_tokens,
                 max_prompts: config.retrieval_max_prompts,
                 max_bytes: config.retrieval_index_bytes,
+                hnsw_links: config.retrieval_hnsw_links,
                 ..RetrievalConfig::default()
             },
         ));

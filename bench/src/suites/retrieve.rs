@@ -42,6 +42,9 @@ pub struct Args {
     /// Trailing positions used as decode queries.
     #[arg(long, default_value_t = 16)]
     pub decode: usize,
+    /// Links per node of the service's HNSW graphs (its `retrieval_hnsw_links`).
+    #[arg(long, default_value_t = 24)]
+    pub hnsw_links: usize,
 }
 
 /// One chunk of the dump in SmolLM2's raw layout: `[layer][K|V][token][kv_head][head_dim]` f16.
@@ -266,6 +269,7 @@ pub fn run(args: Args) -> Result<()> {
     let srv = InProcessServer::start(host, |c| {
         c.retrieval_min_tokens = prompt as u64;
         c.retrieval_index_bytes = 64 << 30;
+        c.retrieval_hnsw_links = args.hnsw_links;
     })?;
     let (build_s, index_bytes, hnsw) = rt.block_on(async {
         let c = Client::connect(&srv.unix, opts()).await?;
@@ -315,6 +319,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut f = Figures::new("retrieve");
     f.set("tokens", prompt);
     f.set("k", k);
+    f.set("hnsw_links", args.hnsw_links);
     f.set("layers_evaluated", layers.len());
     f.set("requests", reqs.len());
     f.num("local_bruteforce_us", local);
