@@ -1,0 +1,94 @@
+//! Unit tests of the retrieval service state: memory budget, parent chains, settled builds.
+
+use super::*;
+use kvtier_cache::{ChunkMeta, Dtype, HostConfig, HostTier, StoreConfig};
+
+const TOKENS: u32 = 64;
+
+fn layout() -> ModelLayout {
+    ModelLayout::mha("retrieval-unit", 2, 1, 8, Dtype::F32)
+}
+
+/// A store holding `prompts` prompts of two chunks each; returns their key lists.
+fn store(prompts: u128) -> (TieredStore, Vec<Vec<ChunkKey>>) {
+    let host = Arc::new(HostTier::new(HostConfig::with_budget(64 << 20)));
+    let s = TieredStore::new(StoreConfig::default(), host, Vec::new());
+    let l = layout();
+    let mut all = Vec::new();
+    for p in 0..prompts {
+        let keys = vec![ChunkKey(p * 10), ChunkKey(p * 10 + 1)];
+        for (i, k) in keys.iter().enumerate() {
+            let data: Vec<u8> = (0..l.chunk_bytes(TOKENS as usize) / 4)
+                .flat_map(|j| (((j * 7 + i * 13 + p as usize) % 97) as f32 / 97.0).to_le_bytes())
+                .collect();
+            let mut m = ChunkMeta::raw(1, l.fingerprint(), TOKENS, i as u32, data.len() as u64);
+            m.parent = i.checked_sub(1).map(|j| keys[j]);
+            s.put(*k, m, &data).unwrap();
+        }
+        all.push(keys);
+    }
+    (s, all)
+}
+
+fn retrieval(max_bytes: u64) -> Retrieval {
+    Retrieval::new(
+        [layout()],
+        RetrievalConfig {
+            min_tokens: 1,
+            max_bytes,
+            ..RetrievalConfig::default()
+        },
+    )
+}
+
+#[test]
+fn indexes_stay_inside_their_memory_budget() {
+    let (s, prompts) = store(2);
+    // One prompt: 128 tokens × 2 layers × 1 KV head.
+    let one = 128 * 2 * INDEX_BYTES_PER_KEY;
+    let r = retrieval(one - 1);
+    assert!(
+        !r.build(&s, 1, &prompts[0]).unwrap(),
+        "too large for the budget"
+    );
+    assert!(r.indexed().is_empty());
+    let r = retrieval(one);
+    assert!(r.build(&s, 1, &prompts[0]).unwrap());
+    assert!(!r.build(&s, 1, &prompts[0]).unwrap(), "already indexed");
+    assert!(r.build(&s, 1, &prompts[1]).unwrap());
+    let indexed = r.indexed();
+    assert_eq!(indexed.len(), 1, "the older index made room");
+    assert_eq!(indexed[0].1, prompts[1]);
+}
+
+#[test]
+fn chains_follow_parents_and_settled_tips_are_built() {
+    let (s, prompts) = store(1);
+    assert_eq!(chain(&s, 1, prompts[0][1]).unwrap(), prompts[0]);
+    assert!(
+        chain(&s, 2, prompts[0][1]).is_none(),
+        "another tenant's chunks"
+    );
+    let r = Retrieval::new(
+        [layout()],
+        RetrievalConfig {
+            min_tokens: 1,
+            settle: Duration::ZERO,
+            ..RetrievalConfig::default()
+        },
+    );
+    let meta = s.info(1, prompts[0][1]).unwrap().meta;
+    r.observe(&StoreEvent::Stored {
+        key: prompts[0][1],
+        meta,
+        tier: kvtier_cache::TierKind::Host,
+    });
+    assert_eq!(r.build_settled(&s), 1);
+    assert_eq!(r.indexed()[0].1, prompts[0]);
+    // Removing a chunk drops the index over it.
+    r.observe(&StoreEvent::Removed {
+        key: prompts[0][0],
+        tenant: 1,
+    });
+    assert!(r.indexed().is_empty());
+}
