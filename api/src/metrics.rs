@@ -25,6 +25,8 @@
 //! | `kvtier_tier_demotions_total` | counter | `tier` | chunks written into a tier from a faster one |
 //! | `kvtier_tier_corrupt_total` | counter | `tier` | records found corrupt and dropped |
 //! | `kvtier_tier_errors_total` | counter | `tier` | failed writes into a tier |
+//! | `kvtier_retrieval_indexed_prompts` | gauge | | prompts with built retrieval indexes |
+//! | `kvtier_retrieval_index_bytes` | gauge | | their estimated memory |
 //!
 //! The per-tier counters mirror the store's own cumulative counters (`absolute`), so they
 //! restart from zero with the process, as Prometheus counters may.
@@ -131,9 +133,12 @@ pub fn refresh_store(stats: &StoreStats) {
 }
 
 /// Refreshes the store figures and renders everything in the Prometheus text format.
-pub fn render(stats: &StoreStats) -> String {
+pub fn render(stats: &StoreStats, retrieval: &crate::retrieval::Retrieval) -> String {
     let handle = init();
     refresh_store(stats);
+    let (prompts, bytes) = retrieval.usage();
+    metrics::gauge!("kvtier_retrieval_indexed_prompts").set(prompts as f64);
+    metrics::gauge!("kvtier_retrieval_index_bytes").set(bytes as f64);
     handle.render()
 }
 

@@ -582,6 +582,8 @@ async fn metrics_expose_per_tier_series_and_request_counts() {
         "kvtier_tier_demotions_total{tier=\"host\"}",
         "kvtier_requests_total{op=\"stats\",plane=\"http\",result=\"ok\"}",
         "kvtier_request_duration_seconds_bucket{op=\"stats\",plane=\"http\",le=\"10\"}",
+        "kvtier_retrieval_indexed_prompts 0",
+        "kvtier_retrieval_index_bytes 0",
     ] {
         assert!(text.contains(series), "missing {series} in:\n{text}");
     }

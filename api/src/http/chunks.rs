@@ -50,6 +50,7 @@ fn codec_name(codec: u16) -> &'static str {
         kvtier_compress::CODEC_KIVI_INT4 => "int4",
         kvtier_compress::CODEC_FP8_E4M3 => "fp8",
         kvtier_compress::CODEC_XKV => "xkv",
+        kvtier_index::CODEC_PRUNED => "pruned",
         _ => "private",
     }
 }

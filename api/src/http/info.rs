@@ -106,7 +106,7 @@ fn redact(v: &mut Value) {
 pub(super) async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
     timed("metrics", async move {
         authorize(&st.svc, &headers)?;
-        let text = crate::metrics::render(&st.svc.store.stats());
+        let text = crate::metrics::render(&st.svc.store.stats(), &st.svc.retrieval);
         Ok((
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
             text,

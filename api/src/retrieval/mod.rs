@@ -246,6 +246,12 @@ impl Retrieval {
         }
     }
 
+    /// Prompts indexed now and their estimated memory in bytes.
+    pub fn usage(&self) -> (usize, u64) {
+        let built = self.built.lock();
+        (built.len(), built.iter().map(|p| p.bytes).sum())
+    }
+
     /// Prompts indexed now: (tenant, chunk keys, tokens), least recently used first.
     pub fn indexed(&self) -> Vec<(u64, Vec<ChunkKey>, u64)> {
         self.built

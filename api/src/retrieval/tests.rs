@@ -58,6 +58,7 @@ fn indexes_stay_inside_their_memory_budget() {
     assert!(r.build(&s, 1, &prompts[1]).unwrap());
     let indexed = r.indexed();
     assert_eq!(indexed.len(), 1, "the older index made room");
+    assert_eq!(r.usage(), (1, one));
     assert_eq!(indexed[0].1, prompts[1]);
 }
 
