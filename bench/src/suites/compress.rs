@@ -9,7 +9,7 @@
 //! ratios, with values compressed and keys-only, so whether grouping layers helps is measured,
 //! not assumed.
 
-mod data;
+pub(crate) mod data;
 mod settings;
 
 use std::path::PathBuf;

@@ -25,6 +25,7 @@ use kvtier_index::{MatrixView, exact_top_k};
 use crate::dump::KvDump;
 use crate::inproc::{InProcessServer, runtime};
 use crate::report::{Figures, median, rss};
+use crate::suites::compress::data::{Scope, chunk_payload};
 
 const CHUNK: usize = 256;
 
@@ -45,24 +46,6 @@ pub struct Args {
     /// Links per node of the service's HNSW graphs (its `retrieval_hnsw_links`).
     #[arg(long, default_value_t = 24)]
     pub hnsw_links: usize,
-}
-
-/// One chunk of the dump in SmolLM2's raw layout: `[layer][K|V][token][kv_head][head_dim]` f16.
-fn chunk_bytes(d: &KvDump, c: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(d.layers * 2 * CHUNK * d.kv_heads * d.head_dim * 2);
-    for layer in 0..d.layers {
-        for src in [&d.k, &d.v] {
-            for t in c * CHUNK..(c + 1) * CHUNK {
-                for h in 0..d.kv_heads {
-                    let i = d.kv_index(layer, h, t);
-                    for x in &src[i..i + d.head_dim] {
-                        out.extend_from_slice(&f16::from_f32(*x).to_le_bytes());
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 struct Request {
@@ -91,13 +74,20 @@ async fn put_prompt(
     ns.chunk_tokens = CHUNK as u32;
     let mut chain = ns.hasher();
     let mut keys: Vec<ChunkKey> = Vec::new();
+    let scope = Scope {
+        layers: d.layers,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        chunk_tokens: CHUNK,
+        chunks,
+    };
     for i in 0..chunks {
         let ids: Vec<u32> = d.token_ids[i * CHUNK..(i + 1) * CHUNK]
             .iter()
             .map(|t| *t as u32)
             .collect();
         let key = chain.next_key(&ids);
-        let data = chunk_bytes(d, i);
+        let data = chunk_payload(d, &scope, i);
         let mut meta = ChunkMeta::raw(
             0,
             layout.fingerprint(),
