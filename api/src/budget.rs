@@ -14,14 +14,14 @@
 //! Only tenants listed in `lossy_tenants` may have their prompts pruned.
 
 use kvtier_cache::tier::CODEC_RAW;
-use kvtier_cache::{ChunkKey, ChunkMeta, Fidelity, GetOutcome, ModelLayout, TieredStore};
+use kvtier_cache::{ChunkKey, Fidelity, TieredStore};
 use kvtier_index::{
     CODEC_PRUNED, SelectionPolicy, cap_budgets, encode_pruned, kmeans_layers, prune_kv,
     select_tokens, squeezed_budgets, uniform_budgets,
 };
 
 use crate::error::ApiError;
-use crate::retrieval::MAX_PROMPT_CHUNKS;
+use crate::prompt::{Layouts, StoredChunk, read_prompt};
 
 /// How each layer picks the tokens it keeps.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,68 +77,21 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 /// Prunes the prompt `req.keys` of `tenant` to the requested budget, rewriting every chunk.
-/// `layouts` are the registered layouts. CPU work and store writes: call from a blocking thread.
+/// CPU work and store writes: call from a blocking thread.
 pub fn apply_budget(
     store: &TieredStore,
-    layouts: &[ModelLayout],
+    layouts: &Layouts,
     tenant: u64,
     req: &BudgetRequest,
 ) -> Result<BudgetOutcome, ApiError> {
-    if req.keys.is_empty() || req.keys.len() > MAX_PROMPT_CHUNKS {
-        return Err(bad(format!(
-            "a prompt has 1..={MAX_PROMPT_CHUNKS} chunks (got {})",
-            req.keys.len()
-        )));
-    }
     if !(req.fraction > 0.0 && req.fraction <= 1.0) {
         return Err(bad(format!("fraction {} is not in (0, 1]", req.fraction)));
     }
     // Read every chunk first, exact: nothing is rewritten unless the whole prompt is usable.
-    let mut chunks: Vec<(ChunkKey, ChunkMeta, bytes::Bytes)> = Vec::with_capacity(req.keys.len());
-    let mut layout: Option<&ModelLayout> = None;
-    for key in &req.keys {
-        let read = match store.get(tenant, *key, false)? {
-            GetOutcome::Hit(r) => r,
-            GetOutcome::Miss => {
-                return Err(ApiError::NotFound(format!("chunk {key} is not stored")));
-            }
-            GetOutcome::FidelityRejected(f) => {
-                return Err(bad(format!(
-                    "chunk {key} is already lossy ({f}); budgets apply to exact prompts"
-                )));
-            }
-        };
-        if read.meta.codec != CODEC_RAW {
-            return Err(bad(format!(
-                "chunk {key} is encoded by its client (codec {}); budgets need raw chunks",
-                read.meta.codec
-            )));
-        }
-        let l = layouts
-            .iter()
-            .find(|l| l.fingerprint() == read.meta.layout)
-            .ok_or_else(|| {
-                bad(format!(
-                    "layout {:016x} of chunk {key} is not registered (add it to `layouts`)",
-                    read.meta.layout
-                ))
-            })?;
-        if layout.is_some_and(|first| first != l) {
-            return Err(bad(format!(
-                "chunk {key} has another layout than the prompt's first chunk"
-            )));
-        }
-        if read.bytes.len() != l.chunk_bytes(read.meta.tokens as usize) {
-            return Err(bad(format!(
-                "chunk {key} is not a whole chunk of its layout"
-            )));
-        }
-        layout = Some(l);
-        chunks.push((*key, read.meta, read.bytes));
-    }
-    let layout = layout.expect("at least one chunk");
+    let prompt = read_prompt(store, layouts, tenant, &req.keys, false)?;
+    let layout = &prompt.layout;
     let layers = layout.num_layers as usize;
-    let tokens: usize = chunks.iter().map(|(_, m, _)| m.tokens as usize).sum();
+    let tokens = prompt.tokens;
     let total = ((req.fraction * (tokens * layers) as f64).round() as usize).max(layers);
     let (budgets, squeezed_layers) = match &req.layer_cos {
         Some(cos) => {
@@ -191,12 +144,12 @@ pub fn apply_budget(
         tokens,
         budgets,
         squeezed_layers,
-        chunks: chunks.len(),
+        chunks: prompt.chunks.len(),
         bytes_before: 0,
         bytes_after: 0,
     };
     let mut start = 0u32;
-    for (key, meta, bytes) in &chunks {
+    for StoredChunk { key, meta, bytes } in &prompt.chunks {
         let end = start + meta.tokens;
         let local: Vec<Vec<u32>> = keep
             .iter()
@@ -256,7 +209,7 @@ impl Importance {
 /// Returns the number of prompts squeezed.
 pub fn squeeze_pass(
     store: &TieredStore,
-    layouts: &[ModelLayout],
+    layouts: &Layouts,
     importance: &Importance,
     lossy_tenants: &[u64],
     cfg: &SqueezeConfig,
@@ -318,11 +271,10 @@ fn lru_tip(
     Some((tenant, tip, cos))
 }
 
-/// Starts the squeezer: a plain thread that runs [`squeeze_pass`] every 200 ms. It holds the
-/// store weakly and exits when the store is gone.
+/// Starts the squeezer: [`squeeze_pass`] every 200 ms until the store is gone.
 pub fn spawn_squeezer(
     store: std::sync::Weak<TieredStore>,
-    layouts: Vec<ModelLayout>,
+    layouts: std::sync::Arc<Layouts>,
     importance: std::sync::Arc<Importance>,
     lossy_tenants: Vec<u64>,
     cfg: SqueezeConfig,
@@ -330,17 +282,11 @@ pub fn spawn_squeezer(
     if cfg.watermark <= 0.0 || lossy_tenants.is_empty() {
         return Ok(());
     }
-    std::thread::Builder::new()
-        .name("kvtier-squeezer".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                let Some(store) = store.upgrade() else { return };
-                let n = squeeze_pass(&store, &layouts, &importance, &lossy_tenants, &cfg);
-                if n > 0 {
-                    tracing::info!("host tier over its squeeze watermark: squeezed {n} prompts");
-                }
-            }
-        })
-        .map(|_| ())
+    let every = std::time::Duration::from_millis(200);
+    crate::service::spawn_periodic("kvtier-squeezer", every, store, move |store| {
+        let n = squeeze_pass(store, &layouts, &importance, &lossy_tenants, &cfg);
+        if n > 0 {
+            tracing::info!("host tier over its squeeze watermark: squeezed {n} prompts");
+        }
+    })
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod prompt;
 pub mod retrieval;
 pub mod server;
 pub mod service;

@@ -1,14 +1,14 @@
 //! The running service: the store built from configuration, credentials and the event feed that
 //! both planes share.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::sync::broadcast;
 
 use kvtier_cache::host::ArenaAllocator;
-use kvtier_cache::{HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore};
+use kvtier_cache::{HostConfig, HostTier, ModelLayout, StoreConfig, StoreEvent, Tier, TieredStore};
 use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
 
 use kvtier_compress::StoreCodec;
@@ -17,6 +17,7 @@ use kvtier_compress::policy::{CodecPolicy, TierCodecs};
 use crate::auth::Auth;
 use crate::budget::{Importance, SqueezeConfig};
 use crate::config::{DurabilityMode, ServeConfig};
+use crate::prompt::Layouts;
 use crate::retrieval::{Retrieval, RetrievalConfig};
 
 /// Events buffered per subscriber before a slow one starts missing them (it is told how many).
@@ -32,6 +33,9 @@ pub struct Service {
     pub retrieval: Arc<Retrieval>,
     /// Layer importance per layout, learned from budget requests (used by the squeezer).
     pub importance: Arc<Importance>,
+    /// Layouts known by fingerprint: the built-in SmolLM2-135M and Llama-3.1-8B, and the
+    /// configured ones.
+    pub layouts: Arc<Layouts>,
     /// Why the disk tier is not in use, when it was configured but could not be opened.
     pub disk_error: Option<String>,
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
@@ -84,11 +88,16 @@ impl Service {
             max_lease_ttl: Duration::from_secs(config.max_lease_secs),
             ..StoreConfig::default()
         };
+        let layouts = Arc::new(Layouts::new(
+            [ModelLayout::smollm2_135m(), ModelLayout::llama31_8b()]
+                .into_iter()
+                .chain(config.layouts.iter().cloned()),
+        ));
         let store = Arc::new(TieredStore::with_transcoder(
             store_cfg,
             Arc::new(host),
             lower,
-            Some(Arc::new(store_codec(&config))),
+            Some(Arc::new(store_codec(&config, &layouts))),
         ));
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let tx = events.clone();
@@ -97,7 +106,7 @@ impl Service {
             let _ = tx.send(e.clone());
         });
         let retrieval = Arc::new(Retrieval::new(
-            layouts(&config),
+            layouts.clone(),
             RetrievalConfig {
                 min_tokens: config.retrieval_min_tokens,
                 max_prompts: config.retrieval_max_prompts,
@@ -112,7 +121,7 @@ impl Service {
         let importance = Arc::new(Importance::default());
         crate::budget::spawn_squeezer(
             Arc::downgrade(&store),
-            layouts(&config),
+            layouts.clone(),
             importance.clone(),
             config
                 .lossy_tenants
@@ -134,6 +143,7 @@ impl Service {
             events,
             retrieval,
             importance,
+            layouts,
             disk_error,
             shared_arenas,
             started: Instant::now(),
@@ -147,9 +157,9 @@ impl Service {
     }
 }
 
-/// The store's codec hook: the configured disk codecs, built-in and configured layouts, and the
-/// tenants allowed lossy copies.
-pub fn store_codec(config: &ServeConfig) -> StoreCodec {
+/// The store's codec hook: the configured disk codecs, the known layouts, and the tenants
+/// allowed lossy copies.
+pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
     let policy = CodecPolicy {
         disk: TierCodecs {
             exact: config.disk_codec.choice(),
@@ -158,8 +168,8 @@ pub fn store_codec(config: &ServeConfig) -> StoreCodec {
         ..CodecPolicy::default()
     };
     let mut hook = StoreCodec::new(policy);
-    for l in layouts(config) {
-        hook.register(l);
+    for l in layouts.iter() {
+        hook.register(l.clone());
     }
     for t in &config.lossy_tenants {
         hook.allow_lossy(kvtier_cache::key::tenant_id(t));
@@ -167,13 +177,23 @@ pub fn store_codec(config: &ServeConfig) -> StoreCodec {
     hook
 }
 
-/// The built-in layouts (SmolLM2-135M, Llama-3.1-8B) and the configured ones.
-pub fn layouts(config: &ServeConfig) -> Vec<kvtier_cache::ModelLayout> {
-    [
-        kvtier_cache::ModelLayout::smollm2_135m(),
-        kvtier_cache::ModelLayout::llama31_8b(),
-    ]
-    .into_iter()
-    .chain(config.layouts.iter().cloned())
-    .collect()
+/// Runs `f` on a named plain thread every `every`, holding the store weakly: the thread ends
+/// once the store is gone. Background jobs (index builds, squeezing) are CPU work that must not
+/// run on async workers.
+pub(crate) fn spawn_periodic(
+    name: &str,
+    every: Duration,
+    store: Weak<TieredStore>,
+    mut f: impl FnMut(&TieredStore) + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(store) = store.upgrade() else { return };
+                f(&store);
+            }
+        })
+        .map(|_| ())
 }

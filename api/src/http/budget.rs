@@ -103,8 +103,7 @@ pub(super) async fn budget(State(st): State<AppState>, headers: HeaderMap, body:
         let tenant = caller.tenant_id;
         blocking(move || {
             let req = parse(&body)?;
-            let layouts = crate::service::layouts(&svc.config);
-            let out = apply_budget(&svc.store, &layouts, tenant, &req)?;
+            let out = apply_budget(&svc.store, &svc.layouts, tenant, &req)?;
             // Engines send layer importance here; the squeezer reuses it under pressure.
             if let (Some(cos), Some(info)) = (&req.layer_cos, svc.store.info(tenant, req.keys[0])) {
                 svc.importance.remember(info.meta.layout, cos);

@@ -23,15 +23,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use kvtier_cache::{AttentionKind, ChunkKey, GetOutcome, ModelLayout, StoreEvent, TieredStore};
+use kvtier_cache::{AttentionKind, ChunkKey, ModelLayout, StoreEvent, TieredStore};
 use kvtier_index::{
     BuildInput, HeadIndexes, HnswConfig, HnswRetriever, MatrixView, Retriever, exact_top_k,
 };
 
 use crate::error::ApiError;
+use crate::prompt::{Layouts, MAX_PROMPT_CHUNKS, read_prompt};
 
-/// Longest prompt (in chunks) a retrieve or a background build will walk.
-pub const MAX_PROMPT_CHUNKS: usize = 4096;
 /// Largest `k` a request may ask for.
 pub const MAX_K: u32 = 4096;
 /// Resident bytes one indexed key costs (HNSW graph with M = 24 plus the f32 copy it keeps for
@@ -137,7 +136,7 @@ const LAYER_CACHE: usize = 32;
 
 /// The retrieval service state. Shared behind an `Arc`.
 pub struct Retrieval {
-    layouts: HashMap<u64, ModelLayout>,
+    layouts: Arc<Layouts>,
     config: RetrievalConfig,
     /// Most recently used last.
     built: Mutex<Vec<Arc<PromptIndex>>>,
@@ -207,9 +206,9 @@ impl Prompt {
 
 impl Retrieval {
     /// Retrieval over chunks of `layouts` (others are refused with a clear error).
-    pub fn new(layouts: impl IntoIterator<Item = ModelLayout>, config: RetrievalConfig) -> Self {
+    pub fn new(layouts: Arc<Layouts>, config: RetrievalConfig) -> Self {
         Retrieval {
-            layouts: layouts.into_iter().map(|l| (l.fingerprint(), l)).collect(),
+            layouts,
             config,
             built: Mutex::new(Vec::new()),
             tips: Mutex::new(HashMap::new()),
@@ -313,7 +312,7 @@ impl Retrieval {
         let layout_keys = keys
             .first()
             .and_then(|k| store.info(tenant, *k))
-            .and_then(|i| self.layouts.get(&i.meta.layout))
+            .and_then(|i| self.layouts.get(i.meta.layout))
             .map(|l| l.num_layers as u64 * l.kv_heads as u64);
         let Some(per_token) = layout_keys else {
             return Ok(false);
@@ -361,8 +360,7 @@ impl Retrieval {
         Ok(true)
     }
 
-    /// Reads every chunk of a prompt (any tier), checking that they share one registered MHA
-    /// layout.
+    /// Reads every chunk of a prompt (any tier); retrieval also needs separate keys per head.
     fn read_prompt(
         &self,
         store: &TieredStore,
@@ -370,63 +368,21 @@ impl Retrieval {
         keys: &[ChunkKey],
         accept_lossy: bool,
     ) -> Result<Prompt, ApiError> {
-        if keys.is_empty() || keys.len() > MAX_PROMPT_CHUNKS {
-            return Err(ApiError::BadRequest(format!(
-                "a prompt has 1..={MAX_PROMPT_CHUNKS} chunks (got {})",
-                keys.len()
-            )));
+        let p = read_prompt(store, &self.layouts, tenant, keys, accept_lossy)?;
+        if p.layout.attention != AttentionKind::Mha {
+            return Err(ApiError::BadRequest(
+                "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
+            ));
         }
-        let mut layout: Option<&ModelLayout> = None;
-        let mut chunks = Vec::with_capacity(keys.len());
-        let mut lossy = false;
-        for key in keys {
-            let read = match store.get(tenant, *key, accept_lossy)? {
-                GetOutcome::Hit(r) => r,
-                GetOutcome::Miss => {
-                    return Err(ApiError::NotFound(format!("chunk {key} is not stored")));
-                }
-                GetOutcome::FidelityRejected(f) => {
-                    return Err(ApiError::NotFound(format!(
-                        "chunk {key} is only held {f}; ask with accept_lossy"
-                    )));
-                }
-            };
-            let l = self.layouts.get(&read.meta.layout).ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "layout {:016x} of chunk {key} is not registered (add it to `layouts`)",
-                    read.meta.layout
-                ))
-            })?;
-            if layout.is_some_and(|first| first != l) {
-                return Err(ApiError::BadRequest(format!(
-                    "chunk {key} has another layout than the prompt's first chunk"
-                )));
-            }
-            if l.attention != AttentionKind::Mha {
-                return Err(ApiError::BadRequest(
-                    "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
-                ));
-            }
-            let n = read.meta.tokens as usize;
-            if read.meta.codec != kvtier_cache::tier::CODEC_RAW
-                || read.bytes.len() != l.chunk_bytes(n)
-            {
-                return Err(ApiError::BadRequest(format!(
-                    "chunk {key} is not a raw chunk of its layout ({} bytes for {n} tokens)",
-                    read.bytes.len()
-                )));
-            }
-            layout = Some(l);
-            lossy |= !read.meta.fidelity.is_exact();
-            chunks.push((n, read.bytes));
-        }
-        let layout = layout.expect("at least one chunk").clone();
-        let tokens = chunks.iter().map(|(n, _)| n).sum();
         Ok(Prompt {
-            layout,
-            chunks,
-            tokens,
-            lossy,
+            layout: p.layout,
+            chunks: p
+                .chunks
+                .into_iter()
+                .map(|c| (c.meta.tokens as usize, c.bytes))
+                .collect(),
+            tokens: p.tokens,
+            lossy: p.lossy,
         })
     }
 
@@ -598,23 +554,16 @@ pub(crate) fn chain(store: &TieredStore, tenant: u64, tip: ChunkKey) -> Option<V
     })
 }
 
-/// Starts the background builder: a plain thread that wakes every `settle / 2` and builds the
-/// settled prompts. It holds the store weakly and exits when the store is gone.
+/// Starts the background builder: every `settle / 2` it builds the settled prompts, until the
+/// store is gone.
 pub fn spawn_builder(retrieval: Arc<Retrieval>, store: Weak<TieredStore>) -> std::io::Result<()> {
     if retrieval.config.min_tokens == 0 {
         return Ok(());
     }
     let tick = (retrieval.config.settle / 2).max(Duration::from_millis(20));
-    std::thread::Builder::new()
-        .name("kvtier-index-builder".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(tick);
-                let Some(store) = store.upgrade() else { return };
-                retrieval.build_settled(&store);
-            }
-        })
-        .map(|_| ())
+    crate::service::spawn_periodic("kvtier-index-builder", tick, store, move |store| {
+        retrieval.build_settled(store);
+    })
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ fn store(prompts: u128) -> (TieredStore, Vec<Vec<ChunkKey>>) {
 
 fn retrieval(max_bytes: u64) -> Retrieval {
     Retrieval::new(
-        [layout()],
+        Arc::new(Layouts::new([layout()])),
         RetrievalConfig {
             min_tokens: 1,
             max_bytes,
@@ -71,7 +71,7 @@ fn chains_follow_parents_and_settled_tips_are_built() {
         "another tenant's chunks"
     );
     let r = Retrieval::new(
-        [layout()],
+        Arc::new(Layouts::new([layout()])),
         RetrievalConfig {
             min_tokens: 1,
             settle: Duration::ZERO,
