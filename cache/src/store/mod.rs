@@ -77,6 +77,15 @@ impl Entry {
         }
     }
 
+    /// Records the copy now in `t`, of fidelity `copy`: it is marked lossy only when it is lossy
+    /// beyond what was put (a client-labelled lossy chunk is that in every tier).
+    fn record_copy(&self, t: TierKind, copy: Fidelity) {
+        match copy != self.meta.fidelity && !copy.is_exact() {
+            true => self.mark(t, copy),
+            false => self.mark(t, Fidelity::Exact),
+        }
+    }
+
     /// The best fidelity any held copy can be served with.
     fn fidelity(&self) -> Fidelity {
         if !self.exact_tiers().is_empty() || self.lossy.load(Ordering::Acquire) == 0 {
@@ -155,11 +164,14 @@ impl TieredStore {
             for (key, rec) in tier.entries() {
                 let (logical, copy) = match store.owned(&rec) {
                     // An encoding the store applied: the chunk was put raw.
-                    true => {
-                        let mut m = served_meta(&rec, &rec);
-                        m.fidelity = Fidelity::Exact;
-                        (m, rec.fidelity)
-                    }
+                    true => (
+                        ChunkMeta {
+                            codec: CODEC_RAW,
+                            fidelity: Fidelity::Exact,
+                            ..rec
+                        },
+                        rec.fidelity,
+                    ),
                     false => (rec, Fidelity::Exact),
                 };
                 let e = store
@@ -331,14 +343,7 @@ impl TieredStore {
         }
         if let Some(e) = self.index.get(&key) {
             e.add_tier(tier.kind());
-            // A client-labelled lossy chunk is lossy in every tier; only the store's own lossy
-            // encodings mark a copy.
-            let copy = match encoded.as_ref().map(|e| e.fidelity) {
-                Some(f) if !f.is_exact() => rec.fidelity,
-                _ if !meta.fidelity.is_exact() && meta.fidelity != e.meta.fidelity => meta.fidelity,
-                _ => Fidelity::Exact,
-            };
-            e.mark(tier.kind(), copy);
+            e.record_copy(tier.kind(), rec.fidelity);
         }
         self.order[i + 1].insert(self.clock.load(Ordering::Relaxed), meta.depth, key);
         Ok(())
@@ -542,11 +547,7 @@ impl TieredStore {
         let tick = self.tick();
         if let Some(e) = self.index.get(&key) {
             e.add_tier(TierKind::Host);
-            let copy = match meta.fidelity != e.meta.fidelity {
-                true => meta.fidelity,
-                false => Fidelity::Exact,
-            };
-            e.mark(TierKind::Host, copy);
+            e.record_copy(TierKind::Host, meta.fidelity);
             e.last_access.store(tick, Ordering::Release);
         }
         self.order[0].insert(tick, meta.depth, key);
