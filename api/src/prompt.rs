@@ -12,6 +12,14 @@ use crate::error::ApiError;
 /// Longest prompt (in chunks) one request or background job walks.
 pub const MAX_PROMPT_CHUNKS: usize = 4096;
 
+/// The layouts every kvtier knows, by the names the CLI accepts.
+pub fn builtin_layouts() -> [(&'static str, ModelLayout); 2] {
+    [
+        ("llama-3.1-8b", ModelLayout::llama31_8b()),
+        ("smollm2-135m", ModelLayout::smollm2_135m()),
+    ]
+}
+
 /// Layouts the service knows by fingerprint (the store itself only sees fingerprints).
 #[derive(Debug, Clone, Default)]
 pub struct Layouts(HashMap<u64, ModelLayout>);

@@ -8,7 +8,7 @@ use anyhow::Result;
 use tokio::sync::broadcast;
 
 use kvtier_cache::host::ArenaAllocator;
-use kvtier_cache::{HostConfig, HostTier, ModelLayout, StoreConfig, StoreEvent, Tier, TieredStore};
+use kvtier_cache::{HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore};
 use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
 
 use kvtier_compress::StoreCodec;
@@ -89,8 +89,9 @@ impl Service {
             ..StoreConfig::default()
         };
         let layouts = Arc::new(Layouts::new(
-            [ModelLayout::smollm2_135m(), ModelLayout::llama31_8b()]
+            crate::prompt::builtin_layouts()
                 .into_iter()
+                .map(|(_, l)| l)
                 .chain(config.layouts.iter().cloned()),
         ));
         let store = Arc::new(TieredStore::with_transcoder(

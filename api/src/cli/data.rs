@@ -58,13 +58,17 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 
 /// The layout named on the command line.
 pub(super) fn known_layout(name: &str) -> Result<ModelLayout> {
-    Ok(match name {
-        "llama-3.1-8b" => ModelLayout::llama31_8b(),
-        "smollm2-135m" => ModelLayout::smollm2_135m(),
-        other => bail!(
-            "unknown model {other:?} (llama-3.1-8b, smollm2-135m); pass --layout-fingerprint instead"
-        ),
-    })
+    let builtin = crate::prompt::builtin_layouts();
+    match builtin.iter().find(|(n, _)| *n == name) {
+        Some((_, l)) => Ok(l.clone()),
+        None => {
+            let names: Vec<&str> = builtin.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "unknown model {name:?} ({}); pass --layout-fingerprint instead",
+                names.join(", ")
+            )
+        }
+    }
 }
 
 fn parse_tokens(text: &str) -> Result<Vec<u32>> {
