@@ -4,19 +4,23 @@
 //! near it in key space), so a graph built from key-to-key proximity, like HNSW, walks through
 //! the wrong neighbourhoods. This index is built from the prompt's own query vectors instead:
 //!
-//! 1. each build query's exact top-`k_build` keys are found by brute force;
-//! 2. the query→key bipartite graph is projected onto keys: keys co-retrieved by the same query
-//!    are linked (the query's best key to all others, and each key to a few others of the
-//!    list), weighted by how many queries linked them;
-//! 3. each key keeps its most frequently co-retrieved neighbours up to `max_degree`, minus
-//!    links to its adjacent tokens and a few random long-range links that keep the graph
-//!    connected;
-//! 4. a decode query is answered by best-first search on inner product from a few entry
-//!    points: the keys most often retrieved during the build and a fixed random sample.
+//! 1. each build query's exact top-`k_build` keys are found by brute force (the query→key
+//!    bipartite graph);
+//! 2. the bipartite graph is projected onto keys: two keys are linked as often as build queries
+//!    retrieved them together. Each key keeps the `max_degree` partners with the highest
+//!    co-retrieval count divided by `popularity^lift_exponent` (popularity: how many build
+//!    queries retrieved the partner), which keeps hubs such as attention sinks from filling
+//!    every list while still preferring partners that co-occur often;
+//! 3. a decode query is answered by a best-first walk on inner product under a budget of
+//!    inner products: it starts from the most popular keys (plus a small fixed random sample),
+//!    always continues from the best-scoring key that still has unvisited links, and takes
+//!    those links a few at a time in rank order, so a key's strongest partners are scored
+//!    before its weak ones and before the links of worse keys. The answer is the best `k` of
+//!    every key scored.
 //!
 //! Every inner product computed during a search is counted.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use rand::rngs::StdRng;
@@ -33,13 +37,14 @@ use crate::retriever::{BuildInput, Retriever, SearchResult, check_query};
 pub struct AwareConfig {
     /// Keys retrieved per build query (the bipartite graph's query degree).
     pub k_build: usize,
-    /// Out-degree bound of the key graph, random links included.
+    /// Out-degree bound of the key graph, token-neighbour links included.
     pub max_degree: usize,
-    /// Random long-range links per key, for connectivity.
-    pub random_links: usize,
-    /// Links to the tokens within this distance on each side: adjacent tokens' keys are
-    /// similar (same phrase, nearby RoPE angle), and these links reach keys that no build
-    /// query retrieved but a decode query might. Counted within `max_degree`.
+    /// Exponent of the partner's popularity that divides a co-retrieval count when ranking a
+    /// key's partners: 0 ranks by raw count (hubs everywhere), 1 by lift (rare partners win,
+    /// and the graph falls apart into small cliques). Measured on SmolLM2 keys, 0.5–0.7 is best.
+    pub lift_exponent: f32,
+    /// Links to the tokens within this distance on each side, for keys that few build queries
+    /// retrieved. Counted within `max_degree`.
     pub token_neighbours: usize,
     /// Build queries used at most (evenly spaced rows); 0 uses all. Build cost is linear in it.
     pub max_build_queries: usize,
@@ -47,9 +52,12 @@ pub struct AwareConfig {
     pub hub_entries: usize,
     /// Entry points taken from a fixed random sample of keys.
     pub sample_entries: usize,
-    /// Candidate list width used by [`Retriever::search`] (raised to `k`).
-    pub ef_search: usize,
-    /// Seed of the random links and the entry sample: builds are deterministic.
+    /// Inner products a [`Retriever::search`] may compute, as a fraction of the keys; the
+    /// budget is raised to `min_scan` and to `2·k`.
+    pub scan_fraction: f64,
+    /// Lower bound of the default search budget.
+    pub min_scan: usize,
+    /// Seed of the entry sample: builds are deterministic.
     pub seed: u64,
 }
 
@@ -57,43 +65,59 @@ impl Default for AwareConfig {
     fn default() -> Self {
         AwareConfig {
             k_build: 32,
-            max_degree: 32,
-            random_links: 2,
-            token_neighbours: 1,
+            max_degree: 30,
+            lift_exponent: 0.6,
+            token_neighbours: 0,
             max_build_queries: 0,
-            hub_entries: 8,
-            sample_entries: 24,
-            ef_search: 256,
+            hub_entries: 16,
+            sample_entries: 8,
+            scan_fraction: 0.1,
+            min_scan: 256,
             seed: 0x5eed,
         }
     }
 }
 
+/// Links taken from one key per step of the walk. Taking them all at once (classic best-first)
+/// spends the budget on the weak partners of the first keys reached; one at a time costs a
+/// heap operation per inner product.
+const LINKS_PER_STEP: usize = 4;
+/// How far (in standard deviations of the entry scores) a key's priority drops each time the
+/// walk takes a batch of its links: the next key's strongest links come before this key's
+/// weaker ones unless this key scored clearly better.
+const STEP_PENALTY: f32 = 0.5;
+
 /// Attention-aware key graph of one (layer, KV head).
 pub struct AwareIndex {
     exact: BruteForce,
     dim: usize,
-    /// CSR adjacency: neighbours of key `i` are `neighbours[offsets[i]..offsets[i + 1]]`.
+    /// CSR adjacency: neighbours of key `i`, strongest first, are
+    /// `neighbours[offsets[i]..offsets[i + 1]]`.
     offsets: Vec<u32>,
     neighbours: Vec<u32>,
     entries: Vec<u32>,
-    ef_search: usize,
+    scan_fraction: f64,
+    min_scan: usize,
 }
 
-/// A key and its inner product with the query, ordered by score (then position, so heaps are
-/// deterministic).
+/// A key on the walk's frontier: its priority (its score, lowered each time some of its links
+/// are taken), the key, and the rank of its next untaken link. Ordered by priority, then by
+/// lower key, so the walk is deterministic.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Scored(f32, u32);
+struct Frontier(f32, u32, u32);
 
-impl Eq for Scored {}
-impl PartialOrd for Scored {
+impl Eq for Frontier {}
+impl PartialOrd for Frontier {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Scored {
+impl Ord for Frontier {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
+        self.0
+            .total_cmp(&other.0)
+            .then(other.1.cmp(&self.1))
+            .then(other.2.cmp(&self.2))
     }
 }
 
@@ -103,14 +127,22 @@ impl AwareIndex {
         self.neighbours.len() as f64 / self.len() as f64
     }
 
-    /// Neighbours of key `i`.
+    /// Neighbours of key `i`, strongest first.
     fn links(&self, i: u32) -> &[u32] {
         &self.neighbours[self.offsets[i as usize] as usize..self.offsets[i as usize + 1] as usize]
     }
 
-    /// Searches with an explicit beam width `ef`, for sweeps. `ef` may be below `k`: the walk
-    /// then keeps a narrower beam, and the answer is the best `k` of every key it scored.
-    pub fn search_ef(&self, query: &[f32], k: usize, ef: usize) -> Result<SearchResult> {
+    /// The default inner-product budget of a search for `k` keys.
+    pub fn default_budget(&self, k: usize) -> usize {
+        ((self.scan_fraction * self.len() as f64).ceil() as usize)
+            .max(self.min_scan)
+            .max(2 * k)
+    }
+
+    /// Searches computing at most `budget` inner products (raised to `k`), for sweeps. The
+    /// answer is the best `k` keys of all those scored; a walk that runs out of links before
+    /// scoring `k` keys finishes with an exact scan of the rest (counted).
+    pub fn search_budget(&self, query: &[f32], k: usize, budget: usize) -> Result<SearchResult> {
         check_query(query, self.dim)?;
         let n = self.len();
         let k = k.min(n);
@@ -120,55 +152,60 @@ impl AwareIndex {
                 scanned: 0,
             });
         }
-        // A graph walk that must return half the keys scans about all of them anyway.
-        if 2 * k >= n {
+        let budget = budget.max(k).min(n);
+        // A walk that must score most keys costs more than scanning them all.
+        if 2 * k >= n || 2 * budget >= n {
             return Ok(SearchResult {
                 positions: exact_top_k(self.exact.keys(), query, k),
                 scanned: n,
             });
         }
         let keys = self.exact.keys();
-        let ef = ef.max(1);
         let mut visited = vec![0u64; n.div_ceil(64)];
-        let mut candidates: BinaryHeap<Scored> = BinaryHeap::with_capacity(4 * ef);
-        let mut results: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(ef + 1);
-        // Every key scored, the beam's evictions included: the answer is the best k of these.
-        let mut scored: Vec<(f32, u32)> = Vec::with_capacity(8 * ef.max(k));
+        let mut frontier: BinaryHeap<Frontier> = BinaryHeap::with_capacity(budget);
+        let mut scored: Vec<(f32, u32)> = Vec::with_capacity(budget);
         // Scores key `i` unless already seen; every score computed lands in `scored`.
-        let visit = |i: u32, visited: &mut [u64], scored: &mut Vec<(f32, u32)>| -> Option<Scored> {
+        let visit = |i: u32, visited: &mut [u64], scored: &mut Vec<(f32, u32)>| -> Option<f32> {
             let (w, b) = (i as usize / 64, i as usize % 64);
             if visited[w] >> b & 1 == 1 {
                 return None;
             }
             visited[w] |= 1 << b;
-            let s = Scored(dot(keys.row(i as usize), query), i);
-            scored.push((s.0, s.1));
+            let s = dot(keys.row(i as usize), query);
+            scored.push((s, i));
             Some(s)
         };
         for &e in &self.entries {
-            if let Some(s) = visit(e, &mut visited, &mut scored) {
-                candidates.push(s);
-                results.push(Reverse(s));
-                if results.len() > ef {
-                    results.pop();
-                }
-            }
-        }
-        while let Some(best) = candidates.pop() {
-            if results.len() >= ef && results.peek().is_some_and(|w| best < w.0) {
+            if scored.len() >= budget {
                 break;
             }
-            for &nb in self.links(best.1) {
-                let Some(s) = visit(nb, &mut visited, &mut scored) else {
-                    continue;
-                };
-                if results.len() < ef || results.peek().is_some_and(|w| s > w.0) {
-                    candidates.push(s);
-                    results.push(Reverse(s));
-                    if results.len() > ef {
-                        results.pop();
-                    }
+            if let Some(s) = visit(e, &mut visited, &mut scored) {
+                frontier.push(Frontier(s, e, 0));
+            }
+        }
+        let spread = {
+            let m = scored.len().max(1) as f32;
+            let mean = scored.iter().map(|s| s.0).sum::<f32>() / m;
+            let var = scored.iter().map(|s| (s.0 - mean).powi(2)).sum::<f32>() / m;
+            var.sqrt().max(f32::MIN_POSITIVE)
+        };
+        while scored.len() < budget {
+            let Some(Frontier(priority, key, next)) = frontier.pop() else {
+                break;
+            };
+            let links = self.links(key);
+            let mut j = next as usize;
+            let mut taken = 0;
+            while j < links.len() && taken < LINKS_PER_STEP && scored.len() < budget {
+                let nb = links[j];
+                j += 1;
+                if let Some(s) = visit(nb, &mut visited, &mut scored) {
+                    frontier.push(Frontier(s, nb, 0));
+                    taken += 1;
                 }
+            }
+            if j < links.len() {
+                frontier.push(Frontier(priority - STEP_PENALTY * spread, key, j as u32));
             }
         }
         // The walk exhausted its component before scoring k keys: finish with an exact scan of
@@ -195,71 +232,71 @@ fn subsample(queries: MatrixView<'_>, max: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Rank offsets each list member links to within its list (besides the list's pivot). All
-/// pairs would cost `k_build²` per query; a few fixed offsets make every list's keys a
-/// well-connected subgraph at `O(k_build)` cost, and counting over many queries still
-/// surfaces the pairs that are consistently co-retrieved.
-const LIST_OFFSETS: [usize; 4] = [1, 2, 5, 11];
-
-/// Calls `link(a, b)` for every projected edge of one query's list (both directions).
-fn list_edges(list: &[u32], mut link: impl FnMut(u32, u32)) {
-    let len = list.len();
-    for (i, &a) in list.iter().enumerate() {
-        // Star from the pivot (the query's best key), which is where searches tend to arrive.
-        if i > 0 {
-            link(list[0], a);
-            link(a, list[0]);
-        }
-        for off in LIST_OFFSETS.iter().filter(|&&o| o < len) {
-            let b = list[(i + off) % len];
-            if b != a && !(i == 0 || (i + off) % len == 0) {
-                link(a, b);
-                link(b, a);
-            }
-        }
-    }
-}
-
-/// Projects the query→key lists onto keys: for each key, its co-retrieved keys ranked by how
-/// many queries linked them relative to the neighbour's popularity (ties: lower position),
-/// truncated to `keep`.
-fn project(n: usize, lists: &[Vec<u32>], popularity: &[u32], keep: usize) -> Vec<Vec<u32>> {
-    // CSR of projected edges with repetition, filled in two passes (count, then place).
+/// Projects the query→key lists onto keys: for each key, its co-retrieved partners ranked by
+/// `count / popularity^lift_exponent` (ties: lower position), truncated to `keep`.
+///
+/// Counted per key from an inverted list (which lists hold the key) into a dense counter, so
+/// the cost is `queries · k_build²` increments with no pair list in memory.
+fn project(
+    n: usize,
+    lists: &[Vec<u32>],
+    popularity: &[u32],
+    lift_exponent: f32,
+    keep: usize,
+) -> Vec<Vec<u32>> {
+    // Inverted lists as CSR: lists_of[x] = the build queries whose list holds key x.
     let mut offsets = vec![0usize; n + 1];
-    for list in lists {
-        list_edges(list, |a, _| offsets[a as usize + 1] += 1);
+    for &key in lists.iter().flatten() {
+        offsets[key as usize + 1] += 1;
     }
     for i in 0..n {
         offsets[i + 1] += offsets[i];
     }
     let mut fill = offsets.clone();
-    let mut pairs = vec![0u32; offsets[n]];
-    for list in lists {
-        list_edges(list, |a, b| {
-            pairs[fill[a as usize]] = b;
-            fill[a as usize] += 1;
-        });
+    let mut lists_of = vec![0u32; offsets[n]];
+    for (q, list) in lists.iter().enumerate() {
+        for &key in list {
+            lists_of[fill[key as usize]] = q as u32;
+            fill[key as usize] += 1;
+        }
     }
+    let discount: Vec<f32> = popularity
+        .iter()
+        .map(|&p| (p.max(1) as f32).powf(-lift_exponent))
+        .collect();
     (0..n)
         .into_par_iter()
-        .map(|i| {
-            let mut cands = pairs[offsets[i]..offsets[i + 1]].to_vec();
-            cands.sort_unstable();
-            let mut counted: Vec<(u32, u32)> = Vec::new();
-            for c in cands {
-                match counted.last_mut() {
-                    Some((last, count)) if *last == c => *count += 1,
-                    _ => counted.push((c, 1)),
+        .map_init(
+            || (vec![0u32; n], Vec::<u32>::new()),
+            |(counts, touched), x| {
+                for &q in &lists_of[offsets[x]..offsets[x + 1]] {
+                    for &y in &lists[q as usize] {
+                        if y as usize != x {
+                            if counts[y as usize] == 0 {
+                                touched.push(y);
+                            }
+                            counts[y as usize] += 1;
+                        }
+                    }
                 }
-            }
-            // Co-retrieval count discounted by the neighbour's popularity (a lift score):
-            // hubs such as attention sinks co-occur with everything and would otherwise fill
-            // every list, while the search reaches them from the entry points anyway.
-            let lift =
-                |c: &(u32, u32)| c.1 as f64 / (popularity[c.0 as usize].max(1) as f64).sqrt();
-            counted.sort_unstable_by(|a, b| lift(b).total_cmp(&lift(a)).then(a.0.cmp(&b.0)));
-            counted.into_iter().take(keep).map(|c| c.0).collect()
-        })
+                let mut ranked: Vec<(f32, u32)> = touched
+                    .iter()
+                    .map(|&y| (counts[y as usize] as f32 * discount[y as usize], y))
+                    .collect();
+                for &y in touched.iter() {
+                    counts[y as usize] = 0;
+                }
+                touched.clear();
+                let by_weight =
+                    |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+                if ranked.len() > keep && keep > 0 {
+                    ranked.select_nth_unstable_by(keep - 1, by_weight);
+                }
+                ranked.truncate(keep);
+                ranked.sort_unstable_by(by_weight);
+                ranked.into_iter().map(|r| r.1).collect()
+            },
+        )
         .collect()
 }
 
@@ -272,17 +309,22 @@ impl Retriever for AwareIndex {
         if queries.rows() == 0 {
             return Err(IndexError::MissingQueries);
         }
-        let fixed_links = config.random_links + 2 * config.token_neighbours;
-        if config.k_build < 2 || config.max_degree == 0 || fixed_links > config.max_degree {
+        if config.k_build < 2
+            || config.max_degree == 0
+            || 2 * config.token_neighbours > config.max_degree
+            || !(0.0..=4.0).contains(&config.lift_exponent)
+        {
             return Err(invalid(
                 "aware config",
-                "need k_build >= 2, max_degree >= 1 and random_links + 2 * token_neighbours <= max_degree",
+                "need k_build >= 2, max_degree >= 1, 2 * token_neighbours <= max_degree and lift_exponent in 0..=4",
             ));
         }
-        if config.hub_entries + config.sample_entries == 0 || config.ef_search == 0 {
+        if config.hub_entries + config.sample_entries == 0
+            || !(config.scan_fraction > 0.0 && config.scan_fraction <= 1.0)
+        {
             return Err(invalid(
                 "aware config",
-                "need at least one entry point and ef_search >= 1",
+                "need at least one entry point and scan_fraction in (0, 1]",
             ));
         }
         let keys = input.keys;
@@ -296,28 +338,20 @@ impl Retriever for AwareIndex {
         for &key in lists.iter().flatten() {
             popularity[key as usize] += 1;
         }
-        let mut adjacency = project(n, &lists, &popularity, config.max_degree - fixed_links);
+        let fixed_links = 2 * config.token_neighbours;
+        let mut adjacency = project(
+            n,
+            &lists,
+            &popularity,
+            config.lift_exponent,
+            config.max_degree - fixed_links,
+        );
+        drop(lists);
         for (i, links) in adjacency.iter_mut().enumerate() {
             let r = config.token_neighbours;
             for j in i.saturating_sub(r)..(i + r + 1).min(n) {
                 if j != i && !links.contains(&(j as u32)) {
                     links.push(j as u32);
-                }
-            }
-        }
-
-        let mut rng = StdRng::seed_from_u64(config.seed);
-        if n > 1 {
-            for (i, links) in adjacency.iter_mut().enumerate() {
-                let mut added = 0;
-                let mut attempts = 0;
-                while added < config.random_links && attempts < 8 * config.random_links {
-                    attempts += 1;
-                    let j = rng.random_range(0..n as u32);
-                    if j as usize != i && !links.contains(&j) {
-                        links.push(j);
-                        added += 1;
-                    }
                 }
             }
         }
@@ -335,12 +369,15 @@ impl Retriever for AwareIndex {
                 .cmp(&popularity[*a as usize])
                 .then(a.cmp(b))
         });
+        // Hubs first (the walk starts from the best-scoring entry anyway), then the sample.
         let mut entries: Vec<u32> = by_popularity.into_iter().take(config.hub_entries).collect();
+        let mut rng = StdRng::seed_from_u64(config.seed);
         for _ in 0..config.sample_entries.min(n) {
-            entries.push(rng.random_range(0..n as u32));
+            let e = rng.random_range(0..n as u32);
+            if !entries.contains(&e) {
+                entries.push(e);
+            }
         }
-        entries.sort_unstable();
-        entries.dedup();
 
         Ok(AwareIndex {
             exact: BruteForce::build(BuildInput::keys(keys), &())?,
@@ -348,12 +385,13 @@ impl Retriever for AwareIndex {
             offsets,
             neighbours,
             entries,
-            ef_search: config.ef_search,
+            scan_fraction: config.scan_fraction,
+            min_scan: config.min_scan,
         })
     }
 
     fn search(&self, query: &[f32], k: usize) -> Result<SearchResult> {
-        self.search_ef(query, k, self.ef_search)
+        self.search_budget(query, k, self.default_budget(k))
     }
 
     fn len(&self) -> usize {
@@ -362,5 +400,68 @@ impl Retriever for AwareIndex {
 
     fn dim(&self) -> usize {
         self.dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::planted;
+
+    #[test]
+    fn projection_ranks_partners_by_co_retrieval() {
+        let lists = vec![vec![0, 1, 2], vec![0, 1, 3], vec![4, 5], vec![1, 0]];
+        let mut popularity = vec![0u32; 6];
+        for &k in lists.iter().flatten() {
+            popularity[k as usize] += 1;
+        }
+        let adj = project(6, &lists, &popularity, 0.0, 2);
+        // Key 0 met key 1 three times, keys 2 and 3 once each (tie: lower position).
+        assert_eq!(adj[0], vec![1, 2]);
+        assert_eq!(adj[4], vec![5]);
+        assert_eq!(adj[2], vec![0, 1]);
+        // A strong popularity discount prefers the rarely retrieved partners of key 0.
+        let lifted = project(6, &lists, &popularity, 2.0, 3);
+        assert_eq!(lifted[0], vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn search_respects_its_budget_and_finds_planted_answers() {
+        let data = planted(11);
+        let keys = MatrixView::new(&data.keys, data.dim).unwrap();
+        let build = MatrixView::new(&data.build_queries, data.dim).unwrap();
+        let tests = MatrixView::new(&data.test_queries, data.dim).unwrap();
+        let index = AwareIndex::build(
+            BuildInput {
+                keys,
+                queries: Some(build),
+            },
+            &AwareConfig::default(),
+        )
+        .unwrap();
+        let n = keys.rows();
+        for budget in [data.k, 3 * data.k, n / 8, n / 3] {
+            let mut hits = 0;
+            for (g, answer) in data.answers.iter().enumerate() {
+                let r = index.search_budget(tests.row(g), data.k, budget).unwrap();
+                assert_eq!(r.positions.len(), data.k);
+                assert!(
+                    r.scanned <= budget,
+                    "scanned {} > budget {budget}",
+                    r.scanned
+                );
+                hits += r.positions.iter().filter(|p| answer.contains(p)).count();
+            }
+            let recall = hits as f64 / (data.k * data.answers.len()) as f64;
+            let floor = match budget {
+                b if b >= n / 3 => 0.95,
+                b if b >= n / 8 => 0.85,
+                _ => 0.0,
+            };
+            assert!(recall >= floor, "recall {recall} at budget {budget}");
+        }
+        // A budget of half the keys or more is answered by the exact scan.
+        let r = index.search_budget(tests.row(0), data.k, n).unwrap();
+        assert_eq!(r.scanned, n);
     }
 }

@@ -69,7 +69,8 @@ pub struct HnswRetriever {
 }
 
 impl HnswRetriever {
-    /// Searches with an explicit candidate width `ef` (raised to `k` if smaller), for sweeps.
+    /// Searches with an explicit candidate width `ef`, for sweeps. An `ef` below `k` is a
+    /// budgeted walk: it returns only the best `ef` keys it found (the low-scan end of a sweep).
     pub fn search_ef(&self, query: &[f32], k: usize, ef: usize) -> Result<SearchResult> {
         check_query(query, self.dim)?;
         let n = self.len();
@@ -85,7 +86,8 @@ impl HnswRetriever {
         augmented.extend_from_slice(query);
         augmented.push(0.0);
         let before = evals_now();
-        let found = self.graph.search(&augmented, k, ef.max(k));
+        let want = k.min(ef.max(1));
+        let found = self.graph.search(&augmented, want, ef.max(want));
         let scanned = (evals_now() - before) as usize;
         Ok(SearchResult {
             positions: found.iter().map(|n| n.d_id as u32).collect(),
@@ -138,7 +140,7 @@ impl Retriever for HnswRetriever {
     }
 
     fn search(&self, query: &[f32], k: usize) -> Result<SearchResult> {
-        self.search_ef(query, k, self.ef_search)
+        self.search_ef(query, k, self.ef_search.max(k))
     }
 
     fn len(&self) -> usize {

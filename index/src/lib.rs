@@ -75,7 +75,7 @@ mod conformance_tests {
             Some(IndexError::MissingQueries)
         );
         let bad = AwareConfig {
-            random_links: 40,
+            token_neighbours: 40,
             ..AwareConfig::default()
         };
         assert!(

@@ -12,16 +12,18 @@
 //! - the fraction of indexed keys whose inner product the search computed;
 //! - the search latency.
 //!
-//! HNSW and the aware index are swept over `ef` (the aware beam also below k). The headline
-//! aware point is the smallest aware `ef` whose mean recall reaches 0.9 (else the best one);
+//! HNSW is swept over `ef` (below k it returns only the best `ef` keys it found, which is how
+//! it reaches low scanned fractions); the aware index over its budget of inner products
+//! (`AWARE_BUDGET` fractions of the indexed keys). The headline aware point is the smallest
+//! budget whose mean recall reaches 0.9 (else the best one);
 //! the headline HNSW recall is HNSW's recall curve interpolated at that same scanned fraction
 //! (`hnsw_at_equal_scan` false when the curve does not reach it and the nearest point is used).
 //! `*_recall_at_5pct` interpolate both curves at the 5% scanned target (`*_reaches_5pct` false
 //! when the sweep does not reach 5% and the nearest point is reported).
 //!
 //! `--write-results FILE` writes one JSON object: `{"tokens", "indexed", "k", "sinks",
-//! "window", "ef_hnsw": [..], "ef_aware": [..], "queries": [{"layer", "head", "kv_head",
-//! "position", "exact": [..], "hnsw": [[..] per ef_hnsw], "aware": [[..] per ef_aware]}]}`,
+//! "window", "ef_hnsw": [..], "budget_aware": [..], "queries": [{"layer", "head", "kv_head",
+//! "position", "exact": [..], "hnsw": [[..] per ef_hnsw], "aware": [[..] per budget_aware]}]}`,
 //! where every list of positions is best first and positions index the token axis.
 
 use std::path::PathBuf;
@@ -66,18 +68,20 @@ pub struct Args {
     #[arg(long)]
     pub k_build: Option<usize>,
     /// Out-degree bound of the aware key graph.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 30)]
     pub aware_degree: usize,
+    /// Popularity exponent of the aware graph's partner ranking (see `AwareConfig`).
+    #[arg(long, default_value_t = 0.6)]
+    pub aware_lift: f32,
     /// Writes every evaluated query's returned positions as JSON.
     #[arg(long)]
     pub write_results: Option<PathBuf>,
 }
 
-/// Sweep multipliers of k for HNSW's ef (hnsw_rs needs ef >= k).
-const HNSW_EF: [f64; 6] = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
-/// Sweep multipliers of k for the aware beam, which may be narrower than k (it answers with
-/// the best k keys of all it scored).
-const AWARE_EF: [f64; 7] = [0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0];
+/// Sweep multipliers of k for HNSW's ef (below 1, a budgeted walk that returns ef keys).
+const HNSW_EF: [f64; 8] = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+/// Sweep of the aware search's inner-product budget, as fractions of the indexed keys.
+const AWARE_BUDGET: [f64; 7] = [0.025, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2];
 /// The target: recall of at least this...
 const RECALL_TARGET: f64 = 0.9;
 /// ...while scanning at most this fraction of the keys.
@@ -201,8 +205,8 @@ pub fn run(args: Args) -> Result<()> {
     let aware_cfg = AwareConfig {
         k_build: args.k_build.unwrap_or(k.max(32)),
         max_degree: args.aware_degree,
+        lift_exponent: args.aware_lift,
         max_build_queries,
-        ef_search: 2 * k,
         ..AwareConfig::default()
     };
 
@@ -244,7 +248,10 @@ pub fn run(args: Args) -> Result<()> {
     let ef_of = |m: &f64| ((m * k as f64).round() as usize).max(1);
     let (efs, aware_efs): (Vec<usize>, Vec<usize>) = (
         HNSW_EF.iter().map(ef_of).collect(),
-        AWARE_EF.iter().map(ef_of).collect(),
+        AWARE_BUDGET
+            .iter()
+            .map(|f| ((f * indexed as f64).round() as usize).max(k))
+            .collect(),
     );
     let items: Vec<(usize, usize, usize)> = (0..layers.len())
         .flat_map(|li| {
@@ -282,7 +289,7 @@ pub fn run(args: Args) -> Result<()> {
             let (hnsw_index, aware_index) = (hnsw.get(li, kv).context("hnsw index")?, aware.get(li, kv).context("aware index")?);
             let b = timed(&|| brute.search(li, h, q, k))?;
             let hn = efs.iter().map(|&ef| timed(&|| hnsw_index.search_ef(q, k, ef))).collect::<Result<Vec<_>>>()?;
-            let aw = aware_efs.iter().map(|&ef| timed(&|| aware_index.search_ef(q, k, ef))).collect::<Result<Vec<_>>>()?;
+            let aw = aware_efs.iter().map(|&ef| timed(&|| aware_index.search_budget(q, k, ef))).collect::<Result<Vec<_>>>()?;
             Ok((truth, static_err, b, hn, aw))
         })
         .collect::<Result<_>>()?;
@@ -307,11 +314,11 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
 
     println!(
-        "\n{:<8} {:>6} {:>8} {:>10} {:>10} {:>10}",
-        "index", "ef", "recall", "scanned", "attn_err", "query_us"
+        "\n{:<8} {:>9} {:>8} {:>10} {:>10} {:>10}",
+        "index", "ef|budget", "recall", "scanned", "attn_err", "query_us"
     );
     println!(
-        "{:<8} {:>6} {:>8} {:>10} {:>10} {:>10}",
+        "{:<8} {:>9} {:>8} {:>10} {:>10} {:>10}",
         "static",
         "-",
         "-",
@@ -321,7 +328,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let line = |name: &str, p: &Point| {
         println!(
-            "{:<8} {:>6} {:>8.4} {:>10.4} {:>10.4} {:>10.1}",
+            "{:<8} {:>9} {:>8.4} {:>10.4} {:>10.4} {:>10.1}",
             name,
             if p.ef == 0 {
                 "-".to_string()
@@ -357,7 +364,7 @@ pub fn run(args: Args) -> Result<()> {
         })
         .expect("non-empty sweep");
     println!(
-        "\nheadline: aware ef {} recall {:.4} at {:.2}% scanned; hnsw at {:.2}% scanned: recall {:.4}{}",
+        "\nheadline: aware budget {} recall {:.4} at {:.2}% scanned; hnsw at {:.2}% scanned: recall {:.4}{}",
         head.ef,
         head.recall,
         100.0 * head.scanned_frac,
@@ -381,7 +388,7 @@ pub fn run(args: Args) -> Result<()> {
             })
             .collect();
         let doc = json!({"tokens": tokens, "indexed": indexed, "k": k, "sinks": args.sinks, "window": args.window,
-                         "ef_hnsw": efs, "ef_aware": aware_efs, "queries": queries});
+                         "ef_hnsw": efs, "budget_aware": aware_efs, "queries": queries});
         std::fs::write(path, serde_json::to_vec(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
@@ -396,7 +403,7 @@ pub fn run(args: Args) -> Result<()> {
     f.num("static_attn_err", static_err);
     f.num("exact_attn_err", brute_pt.attn_err);
     f.num("exact_query_us", brute_pt.micros);
-    f.set("aware_ef", head.ef);
+    f.set("aware_budget", head.ef);
     f.num("aware_recall", head.recall);
     f.num("aware_scanned_frac", head.scanned_frac);
     f.num("aware_attn_err", head.attn_err);
