@@ -2,9 +2,20 @@
 //!
 //! The last `--eval` positions of the dump are decode steps; the prompt before them
 //! (`prompt = tokens − eval`) is cut to a total budget of 10/20/30/50% of its tokens summed
-//! over layers, allocated either uniformly or squeezed (layers clustered by `layer_cos` into
-//! three groups; the highest-cosine group gets `p` × the uniform share, the rest is spread over
-//! the other layers), and each layer keeps its tokens by one of two policies:
+//! over layers, allocated in three ways:
+//!
+//! - `uniform`: the same budget in every layer;
+//! - `fixed`: SqueezeAttention with the given `--p` (layers clustered by `layer_cos` into three
+//!   groups; the highest-cosine group gets `p` × the uniform share, the rest is spread over the
+//!   other layers);
+//! - `squeeze` (the headline): SqueezeAttention with `p` calibrated per policy and budget on a
+//!   separate split — the prompt cut `eval` positions earlier, scored on the `eval` positions
+//!   just before the decode steps, which the test never sees — choosing from
+//!   `P_CANDIDATES`, where 1.0 is uniform. The calibrated allocation therefore falls back to
+//!   uniform where squeezing does not pay on the calibration split; whether it holds on the
+//!   decode positions is what the figures show.
+//!
+//! Each layer keeps its tokens by one of two policies:
 //!
 //! - `streaming` (StreamingLLM): `--sinks` first tokens plus the most recent prompt tokens;
 //! - `h2o`: sinks, a recent window of half the remaining budget, and the heavy hitters by
@@ -14,7 +25,8 @@
 //! The figure is the relative L2 error of each head's attention output at each decode position
 //! (attending to the kept prompt tokens plus the decode tokens so far) against full attention,
 //! averaged over heads and positions per layer, then over layers. Headline figures
-//! (`uniform_err_10`, `squeeze_err_10`, ...) use the h2o policy; `_streaming` figures the
+//! (`uniform_err_10`, `squeeze_err_10`, `squeeze_p_10` the calibrated p, `fixed_err_10`, ...)
+//! use the h2o policy; `_streaming` figures the
 //! other; `_w` figures weight layers by `1 − layer_cos` (how much attention moves the residual
 //! stream), a proxy for how much a layer's error matters downstream.
 //!
@@ -23,9 +35,9 @@
 //! divergence of its next-token distributions from the full cache's, top-1 agreement and the
 //! perplexity of the actual text (`uniform_kl_20`, `squeeze_kl_20`, ...).
 //!
-//! `--write-selection FILE` writes `{"tokens", "prompt", "p", "groups": [label per layer],
-//! "settings": [{"fraction", "allocation", "policy", "budgets": [per layer], "kept": [[positions]
-//! per layer]}]}`.
+//! `--write-selection FILE` writes `{"tokens", "prompt", "fixed_p", "p_candidates", "groups":
+//! [label per layer], "settings": [{"fraction", "allocation", "policy", "p", "budgets": [per
+//! layer], "kept": [[positions] per layer]}]}` (`p` null for uniform).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,7 +61,8 @@ pub struct Args {
     /// Short run (under a minute on 2 cores): fewer decode positions, sparser H2O scores.
     #[arg(long)]
     pub quick: bool,
-    /// Fraction of the uniform share given to the least important layer group.
+    /// Fixed fraction of the uniform share given to the least important layer group, reported
+    /// beside the calibrated allocation (`fixed_*` figures).
     #[arg(long, default_value_t = 0.5)]
     pub p: f64,
     /// Attention sinks every policy keeps.
@@ -95,12 +108,13 @@ fn accumulated_attention(dump: &KvDump, layer: usize, prompt: usize, stride: usi
     acc.into_iter().map(|a| a as f32).collect()
 }
 
-/// Mean relative attention error of one layer over heads and decode positions when the prompt
-/// keeps only `kept`.
+/// Mean relative attention error of one layer over heads and the query positions
+/// `prompt..end` when the prompt keeps only `kept` (each query also attends to the positions
+/// from `prompt` up to itself). `full` holds full attention per (head, position), head-major.
 fn layer_error(
     dump: &KvDump,
     layer: usize,
-    prompt: usize,
+    (prompt, end): (usize, usize),
     kept: &[u32],
     full: &[Vec<f32>],
 ) -> Result<f64> {
@@ -114,18 +128,125 @@ fn layer_error(
             MatrixView::new(dump.k_rows(layer, kv), d)?,
             MatrixView::new(dump.v_rows(layer, kv), d)?,
         );
-        for p in prompt..dump.tokens {
+        for p in prompt..end {
             let q = &dump.q_rows(layer, h)[p * d..(p + 1) * d];
             let old = AttnPartial::over(q, keys, values, kept.iter().map(|&x| x as usize), scale);
             let new = AttnPartial::over(q, keys, values, prompt..=p, scale);
             total += relative_error(
                 &old.merge(&new).output(),
-                &full[h * (dump.tokens - prompt) + p - prompt],
+                &full[h * (end - prompt) + p - prompt],
             );
             n += 1;
         }
     }
     Ok(total / n as f64)
+}
+
+/// Full causal attention per (layer, head, query position in `prompt..end`).
+fn full_attention_at(dump: &KvDump, prompt: usize, end: usize) -> Result<Vec<Vec<Vec<f32>>>> {
+    let d = dump.head_dim;
+    let scale = 1.0 / (d as f32).sqrt();
+    (0..dump.layers)
+        .into_par_iter()
+        .map(|l| -> Result<Vec<Vec<f32>>> {
+            let mut out = Vec::new();
+            for h in 0..dump.heads {
+                let kv = dump.kv_head_of(h);
+                let (keys, values) = (
+                    MatrixView::new(dump.k_rows(l, kv), d)?,
+                    MatrixView::new(dump.v_rows(l, kv), d)?,
+                );
+                for p in prompt..end {
+                    out.push(kvtier_index::full_attention(
+                        &dump.q_rows(l, h)[p * d..(p + 1) * d],
+                        keys,
+                        values,
+                        p + 1,
+                        scale,
+                    ));
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// One evaluation context: a prompt cut at `prompt`, queries at `prompt..end`, the prompt's
+/// H2O scores per layer and full attention at the query positions.
+struct Split {
+    prompt: usize,
+    end: usize,
+    scores: Vec<Vec<f32>>,
+    full: Vec<Vec<Vec<f32>>>,
+}
+
+impl Split {
+    fn new(dump: &KvDump, prompt: usize, end: usize, stride: usize) -> Result<Split> {
+        let scores = (0..dump.layers)
+            .into_par_iter()
+            .map(|l| accumulated_attention(dump, l, prompt, stride))
+            .collect();
+        Ok(Split {
+            prompt,
+            end,
+            scores,
+            full: full_attention_at(dump, prompt, end)?,
+        })
+    }
+
+    /// Per-layer budgets for a total of `frac` of the prompt's tokens over all layers: uniform
+    /// (`p` None) or squeezed with `p`.
+    fn budgets(
+        &self,
+        layers: usize,
+        frac: f64,
+        squeezed: &[usize],
+        p: Option<f64>,
+    ) -> Result<Vec<usize>> {
+        let total = (frac * (self.prompt * layers) as f64).round() as usize;
+        Ok(match p {
+            None => uniform_budgets(total, layers)?,
+            Some(p) => cap_budgets(&squeezed_budgets(total, layers, squeezed, p)?, self.prompt),
+        })
+    }
+
+    /// Kept positions per layer under `budgets` and the per-layer attention errors.
+    fn evaluate(
+        &self,
+        dump: &KvDump,
+        policy_name: &str,
+        sinks: usize,
+        budgets: &[usize],
+    ) -> Result<(Vec<Vec<u32>>, Vec<f64>)> {
+        let kept: Vec<Vec<u32>> = (0..dump.layers)
+            .map(|l| {
+                let policy = match policy_name {
+                    "h2o" => SelectionPolicy::HeavyHitters {
+                        sinks,
+                        recent_ratio: 0.5,
+                    },
+                    _ => SelectionPolicy::Streaming { sinks },
+                };
+                // A layer squeezed below the sinks keeps just the first tokens it can.
+                let b = budgets[l].max(sinks.min(self.prompt));
+                select_tokens(policy, self.prompt, b, Some(&self.scores[l]))
+                    .context("selecting tokens")
+            })
+            .collect::<Result<_>>()?;
+        let errors = (0..dump.layers)
+            .into_par_iter()
+            .map(|l| layer_error(dump, l, (self.prompt, self.end), &kept[l], &self.full[l]))
+            .collect::<Result<_>>()?;
+        Ok((kept, errors))
+    }
+}
+
+/// Candidate values of `p` tried by the calibration; 1.0 is the uniform allocation, so the
+/// calibrated allocation falls back to uniform where squeezing does not pay.
+const P_CANDIDATES: [f64; 6] = [0.3, 0.5, 0.7, 0.8, 0.9, 1.0];
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -143,7 +264,6 @@ pub fn run(args: Args) -> Result<()> {
     let prompt = dump.tokens - eval;
     // Bound the H2O score cost to about 2048 (quick: 256) query positions per head.
     let stride = prompt.div_ceil(if args.quick { 256 } else { 2048 });
-    let d = dump.head_dim;
     let layers = dump.layers;
     let groups = kmeans_layers(&dump.layer_cos)?;
     let squeezed = groups.least_important();
@@ -161,7 +281,7 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
     );
     println!(
-        "groups (0 = most important): {:?}, centroids {:?}; squeezed layers {squeezed:?}, p {}",
+        "groups (0 = most important): {:?}, centroids {:?}; squeezed layers {squeezed:?}, fixed p {}, calibrated p from {P_CANDIDATES:?}",
         groups.labels,
         groups
             .centroids
@@ -172,39 +292,14 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let t = Instant::now();
-    let scores: Vec<Vec<f32>> = (0..layers)
-        .into_par_iter()
-        .map(|l| accumulated_attention(&dump, l, prompt, stride))
-        .collect();
+    // The test split: decode positions after the prompt. The calibration split: the same number
+    // of positions just before them, with the prompt cut there; `p` is chosen on it only.
+    let test = Split::new(&dump, prompt, dump.tokens, stride)?;
+    let calibration = Split::new(&dump, prompt - eval, prompt, stride)?;
     println!(
-        "h2o scores (every {stride}th prompt query) in {:.1}s",
+        "h2o scores (every {stride}th prompt query) and full attention for both splits in {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    let scale = 1.0 / (d as f32).sqrt();
-    // Full attention per (layer, head, decode position), computed once for all settings.
-    let full: Vec<Vec<Vec<f32>>> = (0..layers)
-        .into_par_iter()
-        .map(|l| -> Result<Vec<Vec<f32>>> {
-            let mut out = Vec::new();
-            for h in 0..dump.heads {
-                let kv = dump.kv_head_of(h);
-                let (keys, values) = (
-                    MatrixView::new(dump.k_rows(l, kv), d)?,
-                    MatrixView::new(dump.v_rows(l, kv), d)?,
-                );
-                for p in prompt..dump.tokens {
-                    out.push(kvtier_index::full_attention(
-                        &dump.q_rows(l, h)[p * d..(p + 1) * d],
-                        keys,
-                        values,
-                        p + 1,
-                        scale,
-                    ));
-                }
-            }
-            Ok(out)
-        })
-        .collect::<Result<_>>()?;
 
     let weights: Vec<f64> = dump
         .layer_cos
@@ -212,64 +307,63 @@ pub fn run(args: Args) -> Result<()> {
         .map(|c| (1.0 - *c as f64).max(0.0))
         .collect();
     let wsum: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+    let weighted = |errs: &[f64]| errs.iter().zip(&weights).map(|(e, w)| e * w).sum::<f64>() / wsum;
     let mut f = Figures::new("budget");
     let mut settings = Vec::new();
     let mut pruned: Vec<(&str, f64, &str, Vec<Vec<u32>>)> = Vec::new();
     println!(
-        "\n{:<10} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "policy", "frac", "uniform", "squeeze", "ratio", "uniform_w", "squeeze_w"
+        "\n{:<10} {:>5} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>10} {:>10}",
+        "policy",
+        "frac",
+        "uniform",
+        "fixed_p",
+        "ratio",
+        "squeeze",
+        "p*",
+        "ratio",
+        "uniform_w",
+        "squeeze_w"
     );
     for policy_name in POLICIES {
         for frac in FRACTIONS {
-            let total = (frac * (prompt * layers) as f64).round() as usize;
-            let mut errs = [(0.0f64, 0.0f64); 2];
-            for (ai, allocation) in ["uniform", "squeeze"].into_iter().enumerate() {
-                let budgets = match allocation {
-                    "uniform" => uniform_budgets(total, layers)?,
-                    _ => cap_budgets(&squeezed_budgets(total, layers, &squeezed, args.p)?, prompt),
-                };
-                let kept: Vec<Vec<u32>> = (0..layers)
-                    .map(|l| {
-                        let policy = match policy_name {
-                            "h2o" => SelectionPolicy::HeavyHitters {
-                                sinks: args.sinks,
-                                recent_ratio: 0.5,
-                            },
-                            _ => SelectionPolicy::Streaming { sinks: args.sinks },
-                        };
-                        // A layer squeezed below the sinks keeps just the first tokens it can.
-                        let b = budgets[l].max(args.sinks.min(prompt));
-                        select_tokens(policy, prompt, b, Some(&scores[l]))
-                            .context("selecting tokens")
-                    })
-                    .collect::<Result<_>>()?;
-                let per_layer: Vec<f64> = (0..layers)
-                    .into_par_iter()
-                    .map(|l| layer_error(&dump, l, prompt, &kept[l], &full[l]))
-                    .collect::<Result<_>>()?;
-                let mean = per_layer.iter().sum::<f64>() / layers as f64;
-                let weighted = per_layer
-                    .iter()
-                    .zip(&weights)
-                    .map(|(e, w)| e * w)
-                    .sum::<f64>()
-                    / wsum;
-                errs[ai] = (mean, weighted);
-                if args.model_eval {
-                    pruned.push((policy_name, frac, allocation, kept.clone()));
-                }
-                if args.write_selection.is_some() {
-                    settings.push(json!({"fraction": frac, "allocation": allocation, "policy": policy_name, "budgets": budgets, "kept": kept}));
+            // Calibration: the candidate with the lowest mean error on the calibration split;
+            // ties go to the larger p (closer to uniform).
+            let mut best = (f64::INFINITY, 1.0);
+            for p in P_CANDIDATES {
+                let budgets = calibration.budgets(layers, frac, &squeezed, Some(p))?;
+                let (_, errs) = calibration.evaluate(&dump, policy_name, args.sinks, &budgets)?;
+                let e = mean(&errs);
+                if e <= best.0 {
+                    best = (e, p);
                 }
             }
-            let [(u, uw), (s, sw)] = errs;
+            let chosen = best.1;
+            let mut run_setting = |allocation: &'static str, p: Option<f64>| -> Result<Vec<f64>> {
+                let budgets = test.budgets(layers, frac, &squeezed, p)?;
+                let (kept, errs) = test.evaluate(&dump, policy_name, args.sinks, &budgets)?;
+                if args.write_selection.is_some() {
+                    settings.push(json!({"fraction": frac, "allocation": allocation, "policy": policy_name, "p": p, "budgets": budgets, "kept": kept}));
+                }
+                if args.model_eval {
+                    pruned.push((policy_name, frac, allocation, kept));
+                }
+                Ok(errs)
+            };
+            let uniform = run_setting("uniform", None)?;
+            let fixed = run_setting("fixed", Some(args.p))?;
+            let squeeze = run_setting("squeeze", Some(chosen))?;
+            let (u, fx, sq) = (mean(&uniform), mean(&fixed), mean(&squeeze));
+            let (uw, sw) = (weighted(&uniform), weighted(&squeeze));
             println!(
-                "{:<10} {:>5.2} {:>10.4} {:>10.4} {:>10.3} {:>10.4} {:>10.4}",
+                "{:<10} {:>5.2} {:>9.4} {:>9.4} {:>7.3} {:>9.4} {:>6.2} {:>7.3} {:>10.4} {:>10.4}",
                 policy_name,
                 frac,
                 u,
-                s,
-                s / u,
+                fx,
+                fx / u,
+                sq,
+                chosen,
+                sq / u,
                 uw,
                 sw
             );
@@ -280,14 +374,17 @@ pub fn run(args: Args) -> Result<()> {
                 format!("_{policy_name}")
             };
             f.num(&format!("uniform_err_{pct}{suffix}"), u);
-            f.num(&format!("squeeze_err_{pct}{suffix}"), s);
-            f.num(&format!("squeeze_vs_uniform_{pct}{suffix}"), s / u);
+            f.num(&format!("squeeze_err_{pct}{suffix}"), sq);
+            f.num(&format!("squeeze_p_{pct}{suffix}"), chosen);
+            f.num(&format!("squeeze_vs_uniform_{pct}{suffix}"), sq / u);
+            f.num(&format!("fixed_err_{pct}{suffix}"), fx);
+            f.num(&format!("fixed_vs_uniform_{pct}{suffix}"), fx / u);
             f.num(&format!("uniform_werr_{pct}{suffix}"), uw);
             f.num(&format!("squeeze_werr_{pct}{suffix}"), sw);
         }
     }
     if let Some(path) = &args.write_selection {
-        let doc = json!({"tokens": dump.tokens, "prompt": prompt, "p": args.p, "groups": groups.labels, "settings": settings});
+        let doc = json!({"tokens": dump.tokens, "prompt": prompt, "fixed_p": args.p, "p_candidates": P_CANDIDATES, "groups": groups.labels, "settings": settings});
         std::fs::write(path, serde_json::to_vec(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
@@ -296,7 +393,7 @@ pub fn run(args: Args) -> Result<()> {
         model_eval(&dump, prompt, &pruned, &mut f)?;
     }
     f.set("headline_policy", "h2o");
-    f.num("p", args.p);
+    f.num("fixed_p", args.p);
     f.set("tokens", dump.tokens);
     f.set("prompt", prompt);
     f.set("squeezed_layers", squeezed.len());
