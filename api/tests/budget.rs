@@ -188,6 +188,8 @@ fn host_pressure_squeezes_lossy_tenants_prompts_only() {
         lossy_tenants: vec!["batch".into()],
         squeeze_watermark: 0.3,
         squeeze_fraction: 0.25,
+        // Reallocation is opt-in (the default, 1.0, is uniform): exercise it.
+        squeeze_p: 0.5,
         ..ServeConfig::default()
     })
     .unwrap();

@@ -26,8 +26,8 @@ struct Body_ {
     fraction: f64,
     #[serde(default)]
     layer_cos: Option<Vec<f32>>,
-    #[serde(default = "default_p")]
-    p: f64,
+    #[serde(default)]
+    p: Option<f64>,
     #[serde(default = "default_policy")]
     policy: String,
     #[serde(default = "default_sinks")]
@@ -38,9 +38,6 @@ struct Body_ {
     scores: Option<Vec<Vec<f32>>>,
 }
 
-fn default_p() -> f64 {
-    0.5
-}
 fn default_policy() -> String {
     "streaming".into()
 }
@@ -51,7 +48,8 @@ fn default_recent() -> f32 {
     0.5
 }
 
-fn parse(body: &[u8]) -> HttpResult<BudgetRequest> {
+/// Parses a budget request; `p` defaults to the service's `squeeze_p`.
+fn parse(body: &[u8], default_p: f64) -> HttpResult<BudgetRequest> {
     let b: Body_ = serde_json::from_slice(body)
         .map_err(|e| bad_request(format!("invalid budget body: {e}")))?;
     let keys = b
@@ -83,7 +81,7 @@ fn parse(body: &[u8]) -> HttpResult<BudgetRequest> {
         keys,
         fraction: b.fraction,
         layer_cos: b.layer_cos,
-        p: b.p,
+        p: b.p.unwrap_or(default_p),
         selection,
     })
 }
@@ -102,7 +100,7 @@ pub(super) async fn budget(State(st): State<AppState>, headers: HeaderMap, body:
         let svc = st.svc.clone();
         let tenant = caller.tenant_id;
         blocking(move || {
-            let req = parse(&body)?;
+            let req = parse(&body, svc.config.squeeze_p)?;
             let out = apply_budget(&svc.store, &svc.layouts, tenant, &req)?;
             // Engines send layer importance here; the squeezer reuses it under pressure.
             if let (Some(cos), Some(info)) = (&req.layer_cos, svc.store.info(tenant, req.keys[0])) {

@@ -9,11 +9,12 @@
 //!   groups; the highest-cosine group gets `p` × the uniform share, the rest is spread over the
 //!   other layers);
 //! - `squeeze` (the headline): SqueezeAttention with `p` calibrated per policy and budget on a
-//!   separate split — the prompt cut `eval` positions earlier, scored on the `eval` positions
-//!   just before the decode steps, which the test never sees — choosing from
-//!   `P_CANDIDATES`, where 1.0 is uniform. The calibrated allocation therefore falls back to
-//!   uniform where squeezing does not pay on the calibration split; whether it holds on the
-//!   decode positions is what the figures show.
+//!   separate split — the prompt cut `--calibrate` positions earlier, scored on those positions
+//!   just before the decode steps, which the test never sees. A candidate of `P_CANDIDATES`
+//!   is chosen only if it beats uniform per query (errors averaged over layers, paired) by more
+//!   than two standard errors; of those, the lowest mean error wins; with none, the allocation
+//!   stays uniform (p = 1). Whether the choice holds on the decode positions is what the
+//!   figures show.
 //!
 //! Each layer keeps its tokens by one of two policies:
 //!
@@ -29,6 +30,9 @@
 //! use the h2o policy; `_streaming` figures the
 //! other; `_w` figures weight layers by `1 − layer_cos` (how much attention moves the residual
 //! stream), a proxy for how much a layer's error matters downstream.
+//!
+//! `squeeze_gain_z_*` is the squeezed allocation's paired per-query improvement over uniform on
+//! the decode positions in standard errors (positive: better; |z| < 2 is within noise).
 //!
 //! `--model-eval` also runs the real model over the decode positions with each setting's pruned
 //! cache (every layer's attention masked to its kept prompt positions) and reports the mean KL
@@ -68,9 +72,12 @@ pub struct Args {
     /// Attention sinks every policy keeps.
     #[arg(long, default_value_t = 4)]
     pub sinks: usize,
-    /// Trailing positions used as decode queries.
-    #[arg(long, default_value_t = 16)]
+    /// Trailing positions used as decode queries (quick: at most 8).
+    #[arg(long, default_value_t = 64)]
     pub eval: usize,
+    /// Positions before the decode steps on which `p` is calibrated (quick: at most 16).
+    #[arg(long, default_value_t = 64)]
+    pub calibrate: usize,
     /// Writes every setting's per-layer budgets and kept positions as JSON.
     #[arg(long)]
     pub write_selection: Option<PathBuf>,
@@ -108,20 +115,19 @@ fn accumulated_attention(dump: &KvDump, layer: usize, prompt: usize, stride: usi
     acc.into_iter().map(|a| a as f32).collect()
 }
 
-/// Mean relative attention error of one layer over heads and the query positions
-/// `prompt..end` when the prompt keeps only `kept` (each query also attends to the positions
-/// from `prompt` up to itself). `full` holds full attention per (head, position), head-major.
-fn layer_error(
+/// Relative attention error of one layer per (head, query position in `prompt..end`),
+/// head-major, when the prompt keeps only `kept` (each query also attends to the positions
+/// from `prompt` up to itself). `full` holds full attention in the same order.
+fn layer_errors(
     dump: &KvDump,
     layer: usize,
     (prompt, end): (usize, usize),
     kept: &[u32],
     full: &[Vec<f32>],
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     let d = dump.head_dim;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut total = 0.0;
-    let mut n = 0;
+    let mut out = Vec::with_capacity(dump.heads * (end - prompt));
     for h in 0..dump.heads {
         let kv = dump.kv_head_of(h);
         let (keys, values) = (
@@ -132,14 +138,13 @@ fn layer_error(
             let q = &dump.q_rows(layer, h)[p * d..(p + 1) * d];
             let old = AttnPartial::over(q, keys, values, kept.iter().map(|&x| x as usize), scale);
             let new = AttnPartial::over(q, keys, values, prompt..=p, scale);
-            total += relative_error(
+            out.push(relative_error(
                 &old.merge(&new).output(),
                 &full[h * (end - prompt) + p - prompt],
-            );
-            n += 1;
+            ));
         }
     }
-    Ok(total / n as f64)
+    Ok(out)
 }
 
 /// Full causal attention per (layer, head, query position in `prompt..end`).
@@ -170,6 +175,9 @@ fn full_attention_at(dump: &KvDump, prompt: usize, end: usize) -> Result<Vec<Vec
         })
         .collect()
 }
+
+/// Attention errors per layer, then per (head, query position).
+type Errors = Vec<Vec<f64>>;
 
 /// One evaluation context: a prompt cut at `prompt`, queries at `prompt..end`, the prompt's
 /// H2O scores per layer and full attention at the query positions.
@@ -210,14 +218,15 @@ impl Split {
         })
     }
 
-    /// Kept positions per layer under `budgets` and the per-layer attention errors.
+    /// Kept positions per layer under `budgets` and the attention errors per layer, then per
+    /// (head, query position).
     fn evaluate(
         &self,
         dump: &KvDump,
         policy_name: &str,
         sinks: usize,
         budgets: &[usize],
-    ) -> Result<(Vec<Vec<u32>>, Vec<f64>)> {
+    ) -> Result<(Vec<Vec<u32>>, Errors)> {
         let kept: Vec<Vec<u32>> = (0..dump.layers)
             .map(|l| {
                 let policy = match policy_name {
@@ -235,7 +244,7 @@ impl Split {
             .collect::<Result<_>>()?;
         let errors = (0..dump.layers)
             .into_par_iter()
-            .map(|l| layer_error(dump, l, (self.prompt, self.end), &kept[l], &self.full[l]))
+            .map(|l| layer_errors(dump, l, (self.prompt, self.end), &kept[l], &self.full[l]))
             .collect::<Result<_>>()?;
         Ok((kept, errors))
     }
@@ -248,6 +257,31 @@ const P_CANDIDATES: [f64; 6] = [0.3, 0.5, 0.7, 0.8, 0.9, 1.0];
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
+
+/// Mean error of each layer.
+fn per_layer(errors: &[Vec<f64>]) -> Vec<f64> {
+    errors.iter().map(|e| mean(e)).collect()
+}
+
+/// Error of each query (head, position), averaged over layers.
+fn per_query(errors: &[Vec<f64>]) -> Vec<f64> {
+    (0..errors[0].len())
+        .map(|i| errors.iter().map(|e| e[i]).sum::<f64>() / errors.len() as f64)
+        .collect()
+}
+
+/// Paired comparison of `candidate` against `baseline` per query: the mean improvement
+/// (baseline − candidate) and its standard error.
+fn paired_gain(baseline: &[f64], candidate: &[f64]) -> (f64, f64) {
+    let d: Vec<f64> = baseline.iter().zip(candidate).map(|(b, c)| b - c).collect();
+    let m = mean(&d);
+    let var = d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len().max(2) - 1) as f64;
+    (m, (var / d.len() as f64).sqrt())
+}
+
+/// Standard errors by which a candidate `p` must beat uniform on the calibration split to be
+/// chosen (about a one-sided 98% test): without clear evidence the allocation stays uniform.
+const SIGNIFICANCE: f64 = 2.0;
 
 pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
@@ -292,10 +326,19 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let t = Instant::now();
-    // The test split: decode positions after the prompt. The calibration split: the same number
-    // of positions just before them, with the prompt cut there; `p` is chosen on it only.
+    // The test split: decode positions after the prompt. The calibration split: `calibrate`
+    // positions just before them, with the prompt cut there; `p` is chosen on it only.
     let test = Split::new(&dump, prompt, dump.tokens, stride)?;
-    let calibration = Split::new(&dump, prompt - eval, prompt, stride)?;
+    let calibrate = if args.quick {
+        args.calibrate.min(16)
+    } else {
+        args.calibrate
+    };
+    ensure!(
+        calibrate > 0 && calibrate + eval < dump.tokens / 2,
+        "--calibrate must be in 1..tokens/2 − eval"
+    );
+    let calibration = Split::new(&dump, prompt - calibrate, prompt, stride)?;
     println!(
         "h2o scores (every {stride}th prompt query) and full attention for both splits in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -312,7 +355,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut settings = Vec::new();
     let mut pruned: Vec<(&str, f64, &str, Vec<Vec<u32>>)> = Vec::new();
     println!(
-        "\n{:<10} {:>5} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>10} {:>10}",
+        "\n{:<10} {:>5} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>6} {:>10} {:>10}",
         "policy",
         "frac",
         "uniform",
@@ -321,26 +364,37 @@ pub fn run(args: Args) -> Result<()> {
         "squeeze",
         "p*",
         "ratio",
+        "z",
         "uniform_w",
         "squeeze_w"
     );
     for policy_name in POLICIES {
         for frac in FRACTIONS {
-            // Calibration: the candidate with the lowest mean error on the calibration split;
-            // ties go to the larger p (closer to uniform).
-            let mut best = (f64::INFINITY, 1.0);
-            for p in P_CANDIDATES {
-                let budgets = calibration.budgets(layers, frac, &squeezed, Some(p))?;
+            // Calibration: among the candidates that beat uniform per query on the calibration
+            // split by more than SIGNIFICANCE standard errors, the one with the lowest mean
+            // error; uniform (p = 1) when none does.
+            let errors_at = |p: Option<f64>| -> Result<Vec<f64>> {
+                let budgets = calibration.budgets(layers, frac, &squeezed, p)?;
                 let (_, errs) = calibration.evaluate(&dump, policy_name, args.sinks, &budgets)?;
-                let e = mean(&errs);
-                if e <= best.0 {
-                    best = (e, p);
+                Ok(per_query(&errs))
+            };
+            let base = errors_at(None)?;
+            let mut best = (mean(&base), 1.0);
+            for p in P_CANDIDATES.into_iter().filter(|&p| p < 1.0) {
+                let errs = errors_at(Some(p))?;
+                let (gain, se) = paired_gain(&base, &errs);
+                if gain > SIGNIFICANCE * se && mean(&errs) < best.0 {
+                    best = (mean(&errs), p);
                 }
             }
             let chosen = best.1;
-            let mut run_setting = |allocation: &'static str, p: Option<f64>| -> Result<Vec<f64>> {
+            // Per setting: per-layer errors and per-query errors (averaged over layers).
+            let mut run_setting = |allocation: &'static str,
+                                   p: Option<f64>|
+             -> Result<(Vec<f64>, Vec<f64>)> {
                 let budgets = test.budgets(layers, frac, &squeezed, p)?;
                 let (kept, errs) = test.evaluate(&dump, policy_name, args.sinks, &budgets)?;
+                let errs = (per_layer(&errs), per_query(&errs));
                 if args.write_selection.is_some() {
                     settings.push(json!({"fraction": frac, "allocation": allocation, "policy": policy_name, "p": p, "budgets": budgets, "kept": kept}));
                 }
@@ -349,13 +403,17 @@ pub fn run(args: Args) -> Result<()> {
                 }
                 Ok(errs)
             };
-            let uniform = run_setting("uniform", None)?;
-            let fixed = run_setting("fixed", Some(args.p))?;
-            let squeeze = run_setting("squeeze", Some(chosen))?;
+            let (uniform, uniform_q) = run_setting("uniform", None)?;
+            let (fixed, _) = run_setting("fixed", Some(args.p))?;
+            let (squeeze, squeeze_q) = run_setting("squeeze", Some(chosen))?;
             let (u, fx, sq) = (mean(&uniform), mean(&fixed), mean(&squeeze));
             let (uw, sw) = (weighted(&uniform), weighted(&squeeze));
+            // How far the squeezed result is from uniform on the test split, in standard errors
+            // of the paired per-query difference (positive: squeezed better).
+            let (gain, se) = paired_gain(&uniform_q, &squeeze_q);
+            let z = if se > 0.0 { gain / se } else { 0.0 };
             println!(
-                "{:<10} {:>5.2} {:>9.4} {:>9.4} {:>7.3} {:>9.4} {:>6.2} {:>7.3} {:>10.4} {:>10.4}",
+                "{:<10} {:>5.2} {:>9.4} {:>9.4} {:>7.3} {:>9.4} {:>6.2} {:>7.3} {:>6.1} {:>10.4} {:>10.4}",
                 policy_name,
                 frac,
                 u,
@@ -364,6 +422,7 @@ pub fn run(args: Args) -> Result<()> {
                 sq,
                 chosen,
                 sq / u,
+                z,
                 uw,
                 sw
             );
@@ -377,6 +436,7 @@ pub fn run(args: Args) -> Result<()> {
             f.num(&format!("squeeze_err_{pct}{suffix}"), sq);
             f.num(&format!("squeeze_p_{pct}{suffix}"), chosen);
             f.num(&format!("squeeze_vs_uniform_{pct}{suffix}"), sq / u);
+            f.num(&format!("squeeze_gain_z_{pct}{suffix}"), z);
             f.num(&format!("fixed_err_{pct}{suffix}"), fx);
             f.num(&format!("fixed_vs_uniform_{pct}{suffix}"), fx / u);
             f.num(&format!("uniform_werr_{pct}{suffix}"), uw);
