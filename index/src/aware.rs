@@ -10,7 +10,9 @@
 //!    retrieved them together. Each key keeps the `max_degree` partners with the highest
 //!    co-retrieval count divided by `popularity^lift_exponent` (popularity: how many build
 //!    queries retrieved the partner), which keeps hubs such as attention sinks from filling
-//!    every list while still preferring partners that co-occur often;
+//!    every list while still preferring partners that co-occur often; a partner that is closer
+//!    (in key space) to an already kept partner than to the key is passed over while better
+//!    placed ones remain, so the links spread over several directions;
 //! 3. a decode query is answered by a best-first walk on inner product under a budget of
 //!    inner products: it starts from the most popular keys (plus a small fixed random sample),
 //!    always continues from the best-scoring key that still has unvisited links, and takes
@@ -29,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::error::{IndexError, Result, invalid};
 use crate::exact::{BruteForce, exact_top_k, exact_top_k_batch, top_k_pairs};
-use crate::matrix::{MatrixView, dot};
+use crate::matrix::{MatrixView, dot, l2_squared};
 use crate::retriever::{BuildInput, Retriever, SearchResult, check_query};
 
 /// Build and search parameters of [`AwareIndex`].
@@ -232,13 +234,21 @@ fn subsample(queries: MatrixView<'_>, max: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Candidates examined per kept link by the occlusion pruning.
+const PRUNE_POOL: usize = 3;
+
 /// Projects the query→key lists onto keys: for each key, its co-retrieved partners ranked by
-/// `count / popularity^lift_exponent` (ties: lower position), truncated to `keep`.
+/// `count / popularity^lift_exponent` (ties: lower position); of the best `PRUNE_POOL · keep`,
+/// links are kept in rank order unless occluded — unless an already kept partner lies closer
+/// to the candidate (L2 in key space) than the key itself, so the candidate is reached through
+/// it anyway (the relative-neighbourhood rule RoarGraph prunes with). Occluded candidates fill
+/// the remaining slots in rank order. Without `keys` the list is only truncated.
 ///
 /// Counted per key from an inverted list (which lists hold the key) into a dense counter, so
 /// the cost is `queries · k_build²` increments with no pair list in memory.
 fn project(
     n: usize,
+    keys: Option<MatrixView<'_>>,
     lists: &[Vec<u32>],
     popularity: &[u32],
     lift_exponent: f32,
@@ -289,15 +299,49 @@ fn project(
                 touched.clear();
                 let by_weight =
                     |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-                if ranked.len() > keep && keep > 0 {
-                    ranked.select_nth_unstable_by(keep - 1, by_weight);
+                let pool = if keys.is_some() {
+                    PRUNE_POOL * keep
+                } else {
+                    keep
+                };
+                if ranked.len() > pool && pool > 0 {
+                    ranked.select_nth_unstable_by(pool - 1, by_weight);
                 }
-                ranked.truncate(keep);
+                ranked.truncate(pool);
                 ranked.sort_unstable_by(by_weight);
-                ranked.into_iter().map(|r| r.1).collect()
+                let ranked: Vec<u32> = ranked.into_iter().map(|r| r.1).collect();
+                match keys {
+                    Some(keys) => occlusion_prune(keys, x, &ranked, keep),
+                    None => ranked.into_iter().take(keep).collect(),
+                }
             },
         )
         .collect()
+}
+
+/// Keeps up to `keep` of `ranked` (best first) for key `x`: a candidate is skipped while some
+/// kept partner is closer to it than `x` is; skipped candidates fill what is left, in order.
+fn occlusion_prune(keys: MatrixView<'_>, x: usize, ranked: &[u32], keep: usize) -> Vec<u32> {
+    let mut kept: Vec<u32> = Vec::with_capacity(keep);
+    let mut occluded: Vec<u32> = Vec::new();
+    for &y in ranked {
+        if kept.len() == keep {
+            break;
+        }
+        let row = keys.row(y as usize);
+        let to_x = l2_squared(keys.row(x), row);
+        if kept
+            .iter()
+            .any(|&z| l2_squared(keys.row(z as usize), row) < to_x)
+        {
+            occluded.push(y);
+        } else {
+            kept.push(y);
+        }
+    }
+    let room = keep - kept.len();
+    kept.extend(occluded.into_iter().take(room));
+    kept
 }
 
 impl Retriever for AwareIndex {
@@ -341,6 +385,7 @@ impl Retriever for AwareIndex {
         let fixed_links = 2 * config.token_neighbours;
         let mut adjacency = project(
             n,
+            Some(keys),
             &lists,
             &popularity,
             config.lift_exponent,
@@ -415,14 +460,25 @@ mod tests {
         for &k in lists.iter().flatten() {
             popularity[k as usize] += 1;
         }
-        let adj = project(6, &lists, &popularity, 0.0, 2);
+        let adj = project(6, None, &lists, &popularity, 0.0, 2);
         // Key 0 met key 1 three times, keys 2 and 3 once each (tie: lower position).
         assert_eq!(adj[0], vec![1, 2]);
         assert_eq!(adj[4], vec![5]);
         assert_eq!(adj[2], vec![0, 1]);
         // A strong popularity discount prefers the rarely retrieved partners of key 0.
-        let lifted = project(6, &lists, &popularity, 2.0, 3);
+        let lifted = project(6, None, &lists, &popularity, 2.0, 3);
         assert_eq!(lifted[0], vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn occlusion_prefers_partners_in_other_directions() {
+        // Keys on a line: x = 0 at position 0; candidates ranked 1, 2, 3 at 1.0, 2.0, -1.0.
+        let data = [0.0f32, 1.0, 2.0, -1.0];
+        let keys = MatrixView::new(&data, 1).unwrap();
+        // Key 2 lies closer to kept key 1 than to x: passed over while key 3 remains.
+        assert_eq!(occlusion_prune(keys, 0, &[1, 2, 3], 2), vec![1, 3]);
+        // With room for all, the occluded one fills the last slot.
+        assert_eq!(occlusion_prune(keys, 0, &[1, 2, 3], 3), vec![1, 3, 2]);
     }
 
     #[test]
