@@ -18,6 +18,9 @@
 //! budget whose mean recall reaches 0.9 (else the best one);
 //! the headline HNSW recall is HNSW's recall curve interpolated at that same scanned fraction
 //! (`hnsw_at_equal_scan` false when the curve does not reach it and the nearest point is used).
+//! `equal_scan_*` compare the curves at every HNSW sweep point the aware sweep spans (the aware
+//! recall interpolated at that point's scanned fraction minus HNSW's): how many points, at how
+//! many the aware index is ahead, and the smallest margin with its fraction.
 //! `*_recall_at_5pct` interpolate both curves at the 5% scanned target (`*_reaches_5pct` false
 //! when the sweep does not reach 5% and the nearest point is reported).
 //!
@@ -437,6 +440,30 @@ pub fn run(args: Args) -> Result<()> {
     f.num("hnsw_recall_at_5pct", hnsw_at_5);
     f.num("hnsw_recall_at_5pct_frac", hnsw_frac_5);
     f.set("hnsw_reaches_5pct", hnsw_reach_5);
+    // The aware curve against every HNSW sweep point it spans: recall interpolated at that
+    // point's scanned fraction minus HNSW's recall there (positive: aware ahead).
+    let margins: Vec<(f64, f64)> = hnsw_pts
+        .iter()
+        .filter_map(|h| {
+            let (r, _, inside) = at_scan(&aware_pts, h.scanned_frac);
+            inside.then_some((h.scanned_frac, r - h.recall))
+        })
+        .collect();
+    for (frac, m) in &margins {
+        println!(
+            "equal scan {:.2}%: aware − hnsw recall {m:+.4}",
+            100.0 * frac
+        );
+    }
+    if let Some((frac, m)) = margins.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+        f.num("equal_scan_min_margin", *m);
+        f.num("equal_scan_min_margin_frac", *frac);
+    }
+    f.set("equal_scan_points", margins.len());
+    f.set(
+        "equal_scan_aware_ahead",
+        margins.iter().filter(|m| m.1 > 0.0).count(),
+    );
     f.set(
         "aware_target_met",
         head.recall >= 0.9 && head.scanned_frac <= SCAN_TARGET && head.recall > hnsw_recall,
