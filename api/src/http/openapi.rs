@@ -195,7 +195,7 @@ fn components() -> Value {
                 "keys": { "type": "array", "items": { "$ref": "#/components/schemas/Key" }, "description": "the prompt's chunks, first first" },
                 "fraction": { "type": "number", "description": "tokens kept per layer on average, as a fraction of the prompt, in (0, 1]" },
                 "layer_cos": { "type": "array", "items": { "type": "number" }, "description": "per-layer importance; omitted: uniform budgets" },
-                "p": { "type": "number", "default": 0.5, "description": "share of the uniform budget the least important layers keep" },
+                "p": { "type": "number", "description": "share of the uniform budget the least important layers keep; omitted: the service's squeeze_p (1.0, uniform, unless configured)" },
                 "policy": { "type": "string", "enum": ["streaming", "h2o"], "default": "streaming" },
                 "sinks": { "type": "integer", "default": 4 },
                 "recent_ratio": { "type": "number", "default": 0.5, "description": "h2o: share of the budget after the sinks kept as the recent window" },
