@@ -43,7 +43,8 @@ pub struct AwareConfig {
     pub max_degree: usize,
     /// Exponent of the partner's popularity that divides a co-retrieval count when ranking a
     /// key's partners: 0 ranks by raw count (hubs everywhere), 1 by lift (rare partners win,
-    /// and the graph falls apart into small cliques). Measured on SmolLM2 keys, 0.5–0.7 is best.
+    /// and the graph falls apart into small cliques). In prototypes on SmolLM2 keys 0.5–0.7
+    /// worked best; 0 and 1 were far worse.
     pub lift_exponent: f32,
     /// Links to the tokens within this distance on each side, for keys that few build queries
     /// retrieved. Counted within `max_degree`.
