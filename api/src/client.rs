@@ -121,8 +121,11 @@ pub struct LookupReply {
 /// The answer to [`Client::retrieve`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetrieveReply {
-    /// True when answered by an exact scan (no index built yet), false for the HNSW graphs.
+    /// True when answered by an exact scan (no index built yet), false for a graph.
     pub exact: bool,
+    /// True when answered by the attention-aware graphs (built from uploaded queries), false
+    /// for HNSW or an exact scan.
+    pub aware: bool,
     /// True when some chunk was read from a lossy copy (the request accepted lossy data).
     pub lossy: bool,
     /// Tokens in the prompt.
@@ -404,6 +407,7 @@ impl Client {
         let (k_rows, v_rows) = rest.split_at(rows);
         Ok(RetrieveReply {
             exact: head.index == 0,
+            aware: head.index == 2,
             lossy: head.lossy,
             tokens: head.tokens,
             k: head.k,

@@ -626,7 +626,7 @@ async fn openapi_documents_every_route_and_every_route_is_served() {
         "healthz is documented as open"
     );
     let routes = kvtier::http::routes();
-    assert_eq!(routes.len(), 11);
+    assert_eq!(routes.len(), 12);
     for (method, path) in routes {
         let op = &doc["paths"][path][method.as_str().to_ascii_lowercase()];
         assert!(op.is_object(), "{method} {path} undocumented");

@@ -59,7 +59,7 @@ fn tier_names(t: kvtier_cache::TierSet) -> Vec<&'static str> {
     t.iter().map(TierKind::name).collect()
 }
 
-fn parse_key(text: &str) -> HttpResult<ChunkKey> {
+pub(super) fn parse_key(text: &str) -> HttpResult<ChunkKey> {
     text.parse::<ChunkKey>()
         .map_err(|e| bad_request(e.to_string()))
 }

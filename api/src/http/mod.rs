@@ -18,6 +18,7 @@ mod events;
 mod info;
 mod lookup;
 pub mod openapi;
+mod queries;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use axum::Router;
 use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use tokio::sync::watch;
 
 use crate::auth::Principal;
@@ -60,6 +61,11 @@ fn table() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         ),
         (Method::POST, "/v1/lookup", post(lookup::lookup)),
         (Method::POST, "/v1/prompts/budget", post(budget::budget)),
+        (
+            Method::PUT,
+            "/v1/prompts/{key}/queries",
+            put(queries::upload),
+        ),
         (Method::GET, "/v1/chunks", get(chunks::list)),
         (Method::GET, "/v1/chunks/{key}", get(chunks::show)),
         (Method::DELETE, "/v1/chunks/{key}", delete(chunks::remove)),

@@ -100,6 +100,17 @@ pub fn document() -> Value {
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/BudgetRequest" } } } },
                 "responses": with_errors("200", ok_json("what was kept", "BudgetResponse"), &["400", "401", "404", "413", "507"])
             }},
+            "/v1/prompts/{key}/queries": { "put": {
+                "operationId": "uploadQueries",
+                "summary": "Query vectors of a stored prompt's prefill, sampled positions: the prompt's retrieval index is (re)built with the attention-aware graph instead of HNSW. {key} is the prompt's last chunk.",
+                "parameters": [
+                    { "$ref": TENANT }, { "$ref": KEY },
+                    { "name": "heads", "in": "query", "required": true, "schema": { "type": "integer", "minimum": 1 }, "description": "query heads per layer (a multiple of the layout's KV heads)" }
+                ],
+                "requestBody": { "required": true, "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" }, "example": "little-endian f32 [layer][query head][n][head_dim]" } } },
+                "responses": with_errors("200", json!({ "description": "the queries were kept", "content": { "application/json": { "schema": { "type": "object", "properties": {
+                    "key": { "$ref": "#/components/schemas/Key" }, "heads": { "type": "integer" }, "positions": { "type": "integer", "description": "n, query positions per head" } } } } } }), &["400", "401", "404", "413"])
+            }},
             "/v1/chunks": { "get": {
                 "operationId": "listChunks",
                 "summary": "The caller's chunks in key order, paged",

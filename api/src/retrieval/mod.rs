@@ -7,6 +7,11 @@
 //!   registered MHA layout, builds one HNSW graph per (layer, KV head) over its post-RoPE keys.
 //!   At most `max_prompts` prompts stay indexed (least recently used dropped); an index is
 //!   dropped as soon as any of its chunks is removed.
+//! - **Attention-aware indexes.** An engine may upload query vectors of a stored prompt's
+//!   prefill ([`Retrieval::set_queries`], `PUT /v1/prompts/{tip}/queries`). The prompt is then
+//!   (re)built with RetrievalAttention's attention-aware graph instead of HNSW: built from those
+//!   queries, it scans far fewer keys for the same recall and costs a fraction of HNSW's memory.
+//!   The uploaded queries are kept for at most `max_prompts` prompts and dropped with them.
 //! - **Retrieve.** A request names the prompt's chunk keys (as a lookup returned them), a
 //!   layer, the number of query heads, one or more decode steps' queries and `k`. The chunks
 //!   are read from whichever tier holds them (decoded if compressed; lossy copies only when the
@@ -25,7 +30,8 @@ use parking_lot::Mutex;
 
 use kvtier_cache::{AttentionKind, ChunkKey, ModelLayout, StoreEvent, TieredStore};
 use kvtier_index::{
-    BuildInput, HeadIndexes, HnswConfig, HnswRetriever, MatrixView, Retriever, exact_top_k,
+    AwareConfig, AwareIndex, BuildInput, HeadIndexes, HnswConfig, HnswRetriever, MatrixView,
+    Retriever, SearchResult, exact_top_k,
 };
 
 use crate::error::ApiError;
@@ -37,6 +43,11 @@ pub const MAX_K: u32 = 4096;
 /// exact fallbacks), as measured by `kvtier-bench retrieve` (2,232 B on SmolLM2 keys, d = 64).
 /// Used to keep the indexes inside `max_bytes`.
 pub const INDEX_BYTES_PER_KEY: u64 = 2300;
+/// Resident bytes of one key in an attention-aware index besides its f32 copy: at most 30
+/// links of 4 bytes, an offset and slack.
+pub const AWARE_LINK_BYTES_PER_KEY: u64 = 128;
+/// Build queries an attention-aware graph uses at most per KV head (evenly spaced).
+const AWARE_BUILD_QUERIES: usize = 8192;
 
 /// Background build policy.
 #[derive(Debug, Clone)]
@@ -75,6 +86,74 @@ pub enum IndexUsed {
     Exact = 0,
     /// The prompt's background-built HNSW graphs.
     Hnsw = 1,
+    /// The prompt's attention-aware graphs, built from uploaded queries.
+    Aware = 2,
+}
+
+/// The graphs of one prompt, `[layer][kv_head]`.
+enum Graphs {
+    Hnsw(HeadIndexes<HnswRetriever>),
+    Aware(HeadIndexes<AwareIndex>),
+}
+
+impl Graphs {
+    fn search(
+        &self,
+        layer: usize,
+        kv_head: usize,
+        q: &[f32],
+        k: usize,
+    ) -> kvtier_index::Result<SearchResult> {
+        match self {
+            Graphs::Hnsw(g) => g.search(layer, kv_head, q, k),
+            Graphs::Aware(g) => g.search(layer, kv_head, q, k),
+        }
+    }
+
+    fn kind(&self) -> IndexUsed {
+        match self {
+            Graphs::Hnsw(_) => IndexUsed::Hnsw,
+            Graphs::Aware(_) => IndexUsed::Aware,
+        }
+    }
+}
+
+/// Uploaded queries of the prompt of (tenant, tip chunk).
+type QueryEntry = ((u64, ChunkKey), Arc<PromptQueries>);
+
+/// Query vectors an engine uploaded for a prompt: `[layer][query head][n][head_dim]` f32.
+struct PromptQueries {
+    heads: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PromptQueries {
+    /// The rows of query heads `heads` of `layer`, concatenated, evenly subsampled to at most
+    /// `max` rows.
+    fn group_rows(
+        &self,
+        layer: usize,
+        heads: std::ops::Range<usize>,
+        dim: usize,
+        max: usize,
+    ) -> Vec<f32> {
+        let rows = heads.len() * self.n;
+        let take = rows.min(max);
+        let base = (layer * self.heads + heads.start) * self.n * dim;
+        (0..take)
+            .flat_map(|j| {
+                let r = j * rows / take;
+                self.data[base + r * dim..base + (r + 1) * dim]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.data.len() as u64 * 4
+    }
 }
 
 /// One retrieve request (the tenant comes from the connection).
@@ -117,7 +196,7 @@ struct PromptIndex {
     tokens: u64,
     /// Estimated resident bytes.
     bytes: u64,
-    graphs: HeadIndexes<HnswRetriever>,
+    graphs: Graphs,
 }
 
 /// Converted layer keys kept for exact scans (most recently used last).
@@ -143,6 +222,8 @@ pub struct Retrieval {
     /// Prompt tips not yet extended or built: (tenant, key) -> last change.
     tips: Mutex<HashMap<(u64, ChunkKey), Instant>>,
     layer_cache: Mutex<Vec<LayerKeys>>,
+    /// Uploaded queries by (tenant, prompt tip), most recently uploaded last.
+    queries: Mutex<Vec<QueryEntry>>,
 }
 
 /// A prompt's chunks as read from the store.
@@ -213,6 +294,7 @@ impl Retrieval {
             built: Mutex::new(Vec::new()),
             tips: Mutex::new(HashMap::new()),
             layer_cache: Mutex::new(Vec::new()),
+            queries: Mutex::new(Vec::new()),
         }
     }
 
@@ -236,11 +318,13 @@ impl Retrieval {
                     .lock()
                     .retain(|e| e.tenant != *tenant || !e.keys.contains(key));
                 self.tips.lock().remove(&(*tenant, *key));
+                self.queries.lock().retain(|(id, _)| *id != (*tenant, *key));
             }
             StoreEvent::Cleared { tenant } => {
                 self.built.lock().retain(|p| p.tenant != *tenant);
                 self.layer_cache.lock().retain(|e| e.tenant != *tenant);
                 self.tips.lock().retain(|(t, _), _| t != tenant);
+                self.queries.lock().retain(|((t, _), _)| t != tenant);
             }
         }
     }
@@ -258,6 +342,76 @@ impl Retrieval {
             .iter()
             .map(|p| (p.tenant, p.keys.clone(), p.tokens))
             .collect()
+    }
+
+    /// Which index answers for exactly these chunks of `tenant`, if one is built.
+    pub fn index_kind(&self, tenant: u64, keys: &[ChunkKey]) -> Option<IndexUsed> {
+        self.built
+            .lock()
+            .iter()
+            .find(|p| p.tenant == tenant && p.keys == keys)
+            .map(|p| p.graphs.kind())
+    }
+
+    /// Keeps query vectors of the prompt ending at chunk `tip`, `[layer][query head][n]
+    /// [head_dim]` f32 with `heads` query heads, and has the prompt (re)built with the
+    /// attention-aware index once it settles. Returns `n`, the query positions per head.
+    /// Replaces earlier queries of that prompt.
+    pub fn set_queries(
+        &self,
+        store: &TieredStore,
+        tenant: u64,
+        tip: ChunkKey,
+        heads: u32,
+        data: Vec<f32>,
+    ) -> Result<usize, ApiError> {
+        let info = store
+            .info(tenant, tip)
+            .ok_or_else(|| ApiError::NotFound(format!("chunk {tip} is not stored")))?;
+        let layout = self.layouts.get(info.meta.layout).ok_or_else(|| {
+            ApiError::BadRequest("the prompt's layout is not registered (see `layouts`)".into())
+        })?;
+        if layout.attention != AttentionKind::Mha {
+            return Err(ApiError::BadRequest(
+                "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
+            ));
+        }
+        let (layers, kv_heads, dim) = (
+            layout.num_layers as usize,
+            layout.kv_heads as usize,
+            layout.head_dim as usize,
+        );
+        let heads = heads as usize;
+        if heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(ApiError::BadRequest(format!(
+                "{heads} query heads cannot be grouped over {kv_heads} KV heads"
+            )));
+        }
+        let per_position = layers * heads * dim;
+        if data.is_empty() || !data.len().is_multiple_of(per_position) {
+            return Err(ApiError::BadRequest(format!(
+                "queries must be whole [layers={layers}][heads={heads}][n][head_dim={dim}] f32 arrays ({} floats given)",
+                data.len()
+            )));
+        }
+        if !data.iter().all(|x| x.is_finite()) {
+            return Err(ApiError::BadRequest("queries must be finite".into()));
+        }
+        let n = data.len() / per_position;
+        let id = (tenant, tip);
+        {
+            let mut queries = self.queries.lock();
+            queries.retain(|(k, _)| *k != id);
+            queries.push((id, Arc::new(PromptQueries { heads, n, data })));
+            let excess = queries.len().saturating_sub(self.config.max_prompts.max(1));
+            queries.drain(..excess);
+        }
+        // Rebuild: drop the prompt's current index and let the builder pick the tip up again.
+        self.built
+            .lock()
+            .retain(|p| !(p.tenant == tenant && p.keys.last() == Some(&tip)));
+        self.tips.lock().insert(id, Instant::now());
+        Ok(n)
     }
 
     /// Builds the indexes of prompts whose tips have settled. Returns how many were built.
@@ -317,7 +471,23 @@ impl Retrieval {
         let Some(per_token) = layout_keys else {
             return Ok(false);
         };
-        let bytes = tokens * per_token * INDEX_BYTES_PER_KEY;
+        let queries = keys.last().and_then(|tip| {
+            self.queries
+                .lock()
+                .iter()
+                .find(|(id, _)| *id == (tenant, *tip))
+                .map(|(_, q)| q.clone())
+        });
+        let bytes = match (&queries, keys.first().and_then(|k| store.info(tenant, *k))) {
+            (Some(q), Some(info)) => {
+                let dim = self
+                    .layouts
+                    .get(info.meta.layout)
+                    .map_or(0, |l| l.head_dim as u64);
+                tokens * per_token * (4 * dim + AWARE_LINK_BYTES_PER_KEY) + q.bytes()
+            }
+            _ => tokens * per_token * INDEX_BYTES_PER_KEY,
+        };
         if bytes > self.config.max_bytes {
             tracing::info!(
                 "prompt of {tokens} tokens not indexed: its index (~{} MiB) exceeds retrieval_index_bytes",
@@ -333,15 +503,54 @@ impl Retrieval {
         let layers = prompt.layout.num_layers as usize;
         let kv_heads = prompt.layout.kv_heads as usize;
         let dim = prompt.layout.head_dim as usize;
-        let cfg = HnswConfig {
-            max_connections: self.config.hnsw_links.clamp(2, 256),
-            ..HnswConfig::default()
+        let failed =
+            |e: kvtier_index::IndexError| ApiError::Internal(format!("index build failed: {e}"));
+        let graphs = match queries {
+            // Uploaded queries shaped for another layout are ignored (HNSW instead).
+            Some(q) if q.data.len() == layers * q.heads * q.n * dim => {
+                let group = q.heads / kv_heads;
+                let cfg = AwareConfig {
+                    // The graph links what decode steps retrieve: about 2% of the prompt.
+                    k_build: (prompt.tokens / 50).max(32),
+                    max_build_queries: AWARE_BUILD_QUERIES,
+                    // Searches scan 10% of the keys (at least this many).
+                    min_scan: 64,
+                    ..AwareConfig::default()
+                };
+                Graphs::Aware(
+                    HeadIndexes::build(layers, kv_heads, kv_heads, |layer, kvh| {
+                        let keys = prompt.keys_f32(layer, kvh);
+                        let rows = q.group_rows(
+                            layer,
+                            kvh * group..(kvh + 1) * group,
+                            dim,
+                            AWARE_BUILD_QUERIES,
+                        );
+                        AwareIndex::build(
+                            BuildInput {
+                                keys: MatrixView::new(&keys, dim)?,
+                                queries: Some(MatrixView::new(&rows, dim)?),
+                            },
+                            &cfg,
+                        )
+                    })
+                    .map_err(failed)?,
+                )
+            }
+            _ => {
+                let cfg = HnswConfig {
+                    max_connections: self.config.hnsw_links.clamp(2, 256),
+                    ..HnswConfig::default()
+                };
+                Graphs::Hnsw(
+                    HeadIndexes::build(layers, kv_heads, kv_heads, |layer, kvh| {
+                        let keys = prompt.keys_f32(layer, kvh);
+                        HnswRetriever::build(BuildInput::keys(MatrixView::new(&keys, dim)?), &cfg)
+                    })
+                    .map_err(failed)?,
+                )
+            }
         };
-        let graphs = HeadIndexes::build(layers, kv_heads, kv_heads, |layer, kvh| {
-            let keys = prompt.keys_f32(layer, kvh);
-            HnswRetriever::build(BuildInput::keys(MatrixView::new(&keys, dim)?), &cfg)
-        })
-        .map_err(|e| ApiError::Internal(format!("index build failed: {e}")))?;
         let mut built = self.built.lock();
         built.retain(|p| !(p.tenant == tenant && p.keys == keys));
         built.push(Arc::new(PromptIndex {
@@ -449,11 +658,7 @@ impl Retrieval {
         };
         let n = req.queries.len() / per_query;
         let mut out = Retrieved {
-            index: if index.is_some() {
-                IndexUsed::Hnsw
-            } else {
-                IndexUsed::Exact
-            },
+            index: index.as_ref().map_or(IndexUsed::Exact, |p| p.graphs.kind()),
             tokens: prompt.tokens as u64,
             lossy: prompt.lossy,
             k: k as u32,

@@ -339,7 +339,7 @@ wire_header!(RetrieveHeader, Retrieve, |a| {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[rkyv(derive(Debug))]
 pub struct RetrieveOkHeader {
-    /// 0: exact scan, 1: the prompt's HNSW graphs.
+    /// 0: exact scan, 1: the prompt's HNSW graphs, 2: its attention-aware graphs.
     pub index: u8,
     /// Set when some chunk was read from a lossy copy (only if the request accepted lossy).
     pub lossy: bool,
@@ -351,7 +351,7 @@ pub struct RetrieveOkHeader {
     pub row_bytes: u32,
 }
 wire_header!(RetrieveOkHeader, RetrieveOk, |a| {
-    if a.index > 1 {
+    if a.index > 2 {
         return Err(format!("unknown index kind {}", a.index));
     }
     Ok(())
