@@ -7,7 +7,12 @@
 //!
 //! - to a server with background builds off, so every answer is an exact scan in the service;
 //! - to a server with builds on, after its builder has indexed the prompt (HNSW per layer and
-//!   KV head; the time from the last put to the index being ready is `build_s`).
+//!   KV head; the time from the last put to the index being ready is `build_s`);
+//! - to a server with builds on that was also given sampled prefill queries of the prompt
+//!   (`--aware-positions` evenly spaced positions, all heads, as an engine would upload them
+//!   with `PUT /v1/prompts/{key}/queries`), after it built the attention-aware graphs
+//!   (`aware_*` figures; `aware_index_est_mib` is the service's memory estimate for the index
+//!   and the uploaded queries, since an RSS delta cannot see memory the allocator reuses).
 //!
 //! Baseline: an exact top-k over the same keys in this process (brute force, no I/O). Quality:
 //! recall@k of both service answers against that exact top-k, and whether every returned K and V
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use half::f16;
 use kvtier::client::{Client, ClientOptions, RetrieveReply};
+use kvtier::retrieval::IndexUsed;
 use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout, Namespace};
 use kvtier_index::{MatrixView, exact_top_k};
 
@@ -46,6 +52,10 @@ pub struct Args {
     /// Links per node of the service's HNSW graphs (its `retrieval_hnsw_links`).
     #[arg(long, default_value_t = 24)]
     pub hnsw_links: usize,
+    /// Prefill positions whose queries are uploaded for the attention-aware index (evenly
+    /// spaced; quick: at most 256).
+    #[arg(long, default_value_t = 2048)]
+    pub aware_positions: usize,
 }
 
 struct Request {
@@ -279,6 +289,54 @@ pub fn run(args: Args) -> Result<()> {
         ))
     })?;
     srv.stop().context("stopping the indexed server")?;
+    // Aware: builds on, and the engine's sampled prefill queries uploaded.
+    let sample = if args.quick {
+        args.aware_positions.min(256)
+    } else {
+        args.aware_positions
+    }
+    .clamp(1, prompt);
+    let uploaded: Vec<f32> = (0..d.layers)
+        .flat_map(|layer| {
+            let d = &d;
+            (0..d.heads).flat_map(move |h| {
+                (0..sample).flat_map(move |j| {
+                    let i = d.q_index(layer, h, j * prompt / sample);
+                    d.q[i..i + d.head_dim].iter().copied()
+                })
+            })
+        })
+        .collect();
+    let uploaded_mib = (uploaded.len() * 4) as f64 / (1 << 20) as f64;
+    let srv = InProcessServer::start(host, |c| {
+        c.retrieval_min_tokens = prompt as u64;
+        c.retrieval_index_bytes = 64 << 30;
+    })?;
+    let (aware_build_s, aware_bytes, aware) = rt.block_on(async {
+        let c = Client::connect(&srv.unix, opts()).await?;
+        let keys = put_prompt(&c, &d, &layout, chunks).await?;
+        let tenant = kvtier_cache::key::tenant_id("bench");
+        let t = Instant::now();
+        let tip = *keys.last().context("no chunks")?;
+        srv.svc
+            .retrieval
+            .set_queries(&srv.svc.store, tenant, tip, d.heads as u32, uploaded)
+            .map_err(|e| anyhow::anyhow!("uploading queries: {e}"))?;
+        while srv.svc.retrieval.index_kind(tenant, &keys) != Some(IndexUsed::Aware) {
+            ensure!(
+                t.elapsed() < Duration::from_secs(3600),
+                "aware index never built"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let build_s = t.elapsed().as_secs_f64();
+        // The service's own estimate (f32 keys + ≤128 B of links per key + the uploaded
+        // queries): an RSS delta is meaningless here, the allocator reuses the memory the
+        // previous server freed.
+        let bytes = srv.svc.retrieval.usage().1;
+        anyhow::Ok((build_s, bytes, measure(&c, &keys, &reqs, &d, k).await?))
+    })?;
+    srv.stop().context("stopping the aware server")?;
 
     let exact_us = median(&exact.micros);
     let hnsw_us = median(&hnsw.micros);
@@ -299,11 +357,22 @@ pub fn run(args: Args) -> Result<()> {
         "{:<28} {:>12.0} {:>10.3} {:>10}",
         "service, HNSW", hnsw_us, hnsw.recall, hnsw.rows_match
     );
+    let aware_us = median(&aware.micros);
     println!(
-        "index build after the last put: {build_s:.1} s, {:.0} MiB resident; {} of {} indexed answers came from the graph; total {:.0} s",
+        "{:<28} {:>12.0} {:>10.3} {:>10}",
+        "service, attention-aware", aware_us, aware.recall, aware.rows_match
+    );
+    println!(
+        "HNSW build after the last put: {build_s:.1} s, {:.0} MiB resident; {} of {} indexed answers came from the graph",
         index_bytes as f64 / (1 << 20) as f64,
         hnsw.micros.len() - hnsw.exact_answers,
         hnsw.micros.len(),
+    );
+    println!(
+        "aware build after the upload ({sample} positions, {uploaded_mib:.0} MiB of queries): {aware_build_s:.1} s, {:.0} MiB by the service's estimate with the queries; {} of {} answers from the graph; total {:.0} s",
+        aware_bytes as f64 / (1 << 20) as f64,
+        aware.micros.len() - aware.exact_answers,
+        aware.micros.len(),
         t0.elapsed().as_secs_f64()
     );
     let mut f = Figures::new("retrieve");
@@ -326,6 +395,18 @@ pub fn run(args: Args) -> Result<()> {
         "index_bytes_per_key",
         index_bytes as f64 / (prompt * d.layers * d.kv_heads) as f64,
     );
+    f.set("aware_positions", sample);
+    f.num("service_aware_us", aware_us);
+    f.num("service_aware_recall", aware.recall);
+    f.num("aware_vs_hnsw_speedup", hnsw_us / aware_us);
+    f.set("aware_rows_match", aware.rows_match);
+    f.set(
+        "aware_graph_answers",
+        aware.micros.len() - aware.exact_answers,
+    );
+    f.num("aware_build_s", aware_build_s);
+    f.num("aware_uploaded_mib", uploaded_mib);
+    f.num("aware_index_est_mib", aware_bytes as f64 / (1 << 20) as f64);
     f.print();
     Ok(())
 }
