@@ -109,7 +109,7 @@ pub fn document() -> Value {
                 ],
                 "requestBody": { "required": true, "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" }, "example": "little-endian f32 [layer][query head][n][head_dim]" } } },
                 "responses": with_errors("200", json!({ "description": "the queries were kept", "content": { "application/json": { "schema": { "type": "object", "properties": {
-                    "key": { "$ref": "#/components/schemas/Key" }, "heads": { "type": "integer" }, "positions": { "type": "integer", "description": "n, query positions per head" } } } } } }), &["400", "401", "404", "413"])
+                    "key": { "$ref": "#/components/schemas/Key" }, "heads": { "type": "integer" }, "positions": { "type": "integer", "description": "n, query positions per head" } } } } } }), &["400", "401", "404", "413", "507"])
             }},
             "/v1/chunks": { "get": {
                 "operationId": "listChunks",

@@ -402,6 +402,20 @@ impl Retrieval {
         {
             let mut queries = self.queries.lock();
             queries.retain(|(k, _)| *k != id);
+            // Held queries stay inside the retrieval memory budget; the oldest make room first.
+            let new_bytes = data.len() as u64 * 4;
+            if new_bytes > self.config.max_bytes {
+                return Err(ApiError::Full(format!(
+                    "{} MiB of queries exceed retrieval_index_bytes ({} MiB)",
+                    new_bytes >> 20,
+                    self.config.max_bytes >> 20
+                )));
+            }
+            while queries.iter().map(|(_, q)| q.bytes()).sum::<u64>() + new_bytes
+                > self.config.max_bytes
+            {
+                queries.remove(0);
+            }
             queries.push((id, Arc::new(PromptQueries { heads, n, data })));
             let excess = queries.len().saturating_sub(self.config.max_prompts.max(1));
             queries.drain(..excess);

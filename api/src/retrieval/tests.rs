@@ -93,3 +93,40 @@ fn chains_follow_parents_and_settled_tips_are_built() {
     });
     assert!(r.indexed().is_empty());
 }
+
+#[test]
+fn uploaded_queries_stay_inside_the_budget_and_switch_the_build_to_aware() {
+    let (s, prompts) = store(2);
+    // [2 layers][1 head][n = 16][8]: 1 KiB of f32 per prompt.
+    let q = |seed: usize| -> Vec<f32> {
+        (0..2 * 16 * 8)
+            .map(|i| ((i * 31 + seed) % 17) as f32 / 17.0 - 0.5)
+            .collect()
+    };
+    let r = retrieval(1536);
+    let too_big: Vec<f32> = (0..512).map(|i| i as f32).collect();
+    assert!(matches!(
+        r.set_queries(&s, 1, prompts[0][1], 1, too_big),
+        Err(ApiError::Full(_))
+    ));
+    assert_eq!(r.set_queries(&s, 1, prompts[0][1], 1, q(1)).unwrap(), 16);
+    // A second prompt's queries push the first out: only 1.5 KiB may be held.
+    assert_eq!(r.set_queries(&s, 1, prompts[1][1], 1, q(2)).unwrap(), 16);
+    assert_eq!(r.queries.lock().len(), 1);
+    assert!(matches!(
+        r.set_queries(&s, 2, prompts[1][1], 1, q(3)),
+        Err(ApiError::NotFound(_))
+    ));
+    assert!(matches!(
+        r.set_queries(&s, 1, prompts[1][1], 1, q(4)[..100].to_vec()),
+        Err(ApiError::BadRequest(_))
+    ));
+
+    // With the queries, the prompt is built as the attention-aware index.
+    let r = retrieval(64 << 20);
+    r.set_queries(&s, 1, prompts[1][1], 1, q(5)).unwrap();
+    assert!(r.build(&s, 1, &prompts[1]).unwrap());
+    assert_eq!(r.index_kind(1, &prompts[1]), Some(IndexUsed::Aware));
+    assert!(r.build(&s, 1, &prompts[0]).unwrap());
+    assert_eq!(r.index_kind(1, &prompts[0]), Some(IndexUsed::Hnsw));
+}
