@@ -129,26 +129,11 @@ struct PromptQueries {
 }
 
 impl PromptQueries {
-    /// The rows of query heads `heads` of `layer`, concatenated, evenly subsampled to at most
-    /// `max` rows.
-    fn group_rows(
-        &self,
-        layer: usize,
-        heads: std::ops::Range<usize>,
-        dim: usize,
-        max: usize,
-    ) -> Vec<f32> {
-        let rows = heads.len() * self.n;
-        let take = rows.min(max);
-        let base = (layer * self.heads + heads.start) * self.n * dim;
-        (0..take)
-            .flat_map(|j| {
-                let r = j * rows / take;
-                self.data[base + r * dim..base + (r + 1) * dim]
-                    .iter()
-                    .copied()
-            })
-            .collect()
+    /// The rows of query heads `heads` of `layer`: contiguous in the upload's layout. The
+    /// aware build subsamples them itself (`max_build_queries`).
+    fn group_rows(&self, layer: usize, heads: std::ops::Range<usize>, dim: usize) -> &[f32] {
+        let row = |h: usize| (layer * self.heads + h) * self.n * dim;
+        &self.data[row(heads.start)..row(heads.end)]
     }
 
     fn bytes(&self) -> u64 {
@@ -398,19 +383,21 @@ impl Retrieval {
             return Err(ApiError::BadRequest("queries must be finite".into()));
         }
         let n = data.len() / per_position;
+        // Held queries stay inside the retrieval memory budget; a refused upload leaves the
+        // prompt's earlier queries in place.
+        let new_bytes = data.len() as u64 * 4;
+        if new_bytes > self.config.max_bytes {
+            return Err(ApiError::Full(format!(
+                "{} MiB of queries exceed retrieval_index_bytes ({} MiB)",
+                new_bytes >> 20,
+                self.config.max_bytes >> 20
+            )));
+        }
         let id = (tenant, tip);
         {
             let mut queries = self.queries.lock();
             queries.retain(|(k, _)| *k != id);
-            // Held queries stay inside the retrieval memory budget; the oldest make room first.
-            let new_bytes = data.len() as u64 * 4;
-            if new_bytes > self.config.max_bytes {
-                return Err(ApiError::Full(format!(
-                    "{} MiB of queries exceed retrieval_index_bytes ({} MiB)",
-                    new_bytes >> 20,
-                    self.config.max_bytes >> 20
-                )));
-            }
+            // The oldest make room first.
             while queries.iter().map(|(_, q)| q.bytes()).sum::<u64>() + new_bytes
                 > self.config.max_bytes
             {
@@ -477,14 +464,14 @@ impl Retrieval {
         if tokens < self.config.min_tokens {
             return Ok(false);
         }
-        let layout_keys = keys
+        let Some(layout) = keys
             .first()
             .and_then(|k| store.info(tenant, *k))
             .and_then(|i| self.layouts.get(i.meta.layout))
-            .map(|l| l.num_layers as u64 * l.kv_heads as u64);
-        let Some(per_token) = layout_keys else {
+        else {
             return Ok(false);
         };
+        let per_token = layout.num_layers as u64 * layout.kv_heads as u64;
         let queries = keys.last().and_then(|tip| {
             self.queries
                 .lock()
@@ -492,15 +479,12 @@ impl Retrieval {
                 .find(|(id, _)| *id == (tenant, *tip))
                 .map(|(_, q)| q.clone())
         });
-        let bytes = match (&queries, keys.first().and_then(|k| store.info(tenant, *k))) {
-            (Some(q), Some(info)) => {
-                let dim = self
-                    .layouts
-                    .get(info.meta.layout)
-                    .map_or(0, |l| l.head_dim as u64);
-                tokens * per_token * (4 * dim + AWARE_LINK_BYTES_PER_KEY) + q.bytes()
+        let bytes = match &queries {
+            Some(q) => {
+                tokens * per_token * (4 * layout.head_dim as u64 + AWARE_LINK_BYTES_PER_KEY)
+                    + q.bytes()
             }
-            _ => tokens * per_token * INDEX_BYTES_PER_KEY,
+            None => tokens * per_token * INDEX_BYTES_PER_KEY,
         };
         if bytes > self.config.max_bytes {
             tracing::info!(
@@ -534,16 +518,11 @@ impl Retrieval {
                 Graphs::Aware(
                     HeadIndexes::build(layers, kv_heads, kv_heads, |layer, kvh| {
                         let keys = prompt.keys_f32(layer, kvh);
-                        let rows = q.group_rows(
-                            layer,
-                            kvh * group..(kvh + 1) * group,
-                            dim,
-                            AWARE_BUILD_QUERIES,
-                        );
+                        let rows = q.group_rows(layer, kvh * group..(kvh + 1) * group, dim);
                         AwareIndex::build(
                             BuildInput {
                                 keys: MatrixView::new(&keys, dim)?,
-                                queries: Some(MatrixView::new(&rows, dim)?),
+                                queries: Some(MatrixView::new(rows, dim)?),
                             },
                             &cfg,
                         )

@@ -110,6 +110,13 @@ fn uploaded_queries_stay_inside_the_budget_and_switch_the_build_to_aware() {
         Err(ApiError::Full(_))
     ));
     assert_eq!(r.set_queries(&s, 1, prompts[0][1], 1, q(1)).unwrap(), 16);
+    // A refused upload leaves the prompt's earlier queries in place.
+    let too_big: Vec<f32> = (0..512).map(|i| i as f32).collect();
+    assert!(matches!(
+        r.set_queries(&s, 1, prompts[0][1], 1, too_big),
+        Err(ApiError::Full(_))
+    ));
+    assert_eq!(r.queries.lock()[0].0, (1, prompts[0][1]));
     // A second prompt's queries push the first out: only 1.5 KiB may be held.
     assert_eq!(r.set_queries(&s, 1, prompts[1][1], 1, q(2)).unwrap(), 16);
     assert_eq!(r.queries.lock().len(), 1);
