@@ -356,22 +356,14 @@ impl Retrieval {
         let layout = self.layouts.get(info.meta.layout).ok_or_else(|| {
             ApiError::BadRequest("the prompt's layout is not registered (see `layouts`)".into())
         })?;
-        if layout.attention != AttentionKind::Mha {
-            return Err(ApiError::BadRequest(
-                "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
-            ));
-        }
+        require_mha(layout)?;
         let (layers, kv_heads, dim) = (
             layout.num_layers as usize,
             layout.kv_heads as usize,
             layout.head_dim as usize,
         );
         let heads = heads as usize;
-        if heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(ApiError::BadRequest(format!(
-                "{heads} query heads cannot be grouped over {kv_heads} KV heads"
-            )));
-        }
+        check_grouping(heads, kv_heads)?;
         let per_position = layers * heads * dim;
         if data.is_empty() || !data.len().is_multiple_of(per_position) {
             return Err(ApiError::BadRequest(format!(
@@ -571,11 +563,7 @@ impl Retrieval {
         accept_lossy: bool,
     ) -> Result<Prompt, ApiError> {
         let p = read_prompt(store, &self.layouts, tenant, keys, accept_lossy)?;
-        if p.layout.attention != AttentionKind::Mha {
-            return Err(ApiError::BadRequest(
-                "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
-            ));
-        }
+        require_mha(&p.layout)?;
         Ok(Prompt {
             layout: p.layout,
             chunks: p
@@ -610,11 +598,7 @@ impl Retrieval {
                 "layer {layer} is not below {layers}"
             )));
         }
-        if heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(ApiError::BadRequest(format!(
-                "{heads} query heads cannot be grouped over {kv_heads} KV heads"
-            )));
-        }
+        check_grouping(heads, kv_heads)?;
         if req.k == 0 || req.k > MAX_K {
             return Err(ApiError::BadRequest(format!("k must be in 1..={MAX_K}")));
         }
@@ -728,6 +712,26 @@ impl Retrieval {
         built.push(p.clone());
         Some(p)
     }
+}
+
+/// Retrieval needs separate keys per head.
+fn require_mha(layout: &ModelLayout) -> Result<(), ApiError> {
+    if layout.attention != AttentionKind::Mha {
+        return Err(ApiError::BadRequest(
+            "retrieval needs separate keys per head (MHA/GQA layouts)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Query heads must split evenly over the KV heads (GQA groups).
+fn check_grouping(heads: usize, kv_heads: usize) -> Result<(), ApiError> {
+    if heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(ApiError::BadRequest(format!(
+            "{heads} query heads cannot be grouped over {kv_heads} KV heads"
+        )));
+    }
+    Ok(())
 }
 
 /// The chunk keys of the prompt ending at `tip`, first chunk first, by parent links; `None`
