@@ -15,7 +15,7 @@ use super::lookup::read_limited;
 use super::{AppState, authorize, bad_request, blocking, query_pairs, timed};
 
 /// Largest body: 256 MiB, e.g. 2,048 sampled positions of all 9 heads of SmolLM2's 30 layers
-/// take 141 MiB. Engines sample positions rather than send every one.
+/// take 135 MiB. Engines sample positions rather than send every one.
 pub const MAX_QUERIES_BODY: usize = 256 << 20;
 
 /// `PUT /v1/prompts/{key}/queries`.
