@@ -341,7 +341,7 @@ async fn uploaded_queries_build_the_attention_aware_index() {
             );
         }
     }
-    // The walk scores 64 of the 512 keys (12.5%); a random scan that size would recall about
+    // The search scores 64 of the 512 keys (12.5%); a random scan that size would recall about
     // 0.125. These keys and queries are unstructured noise, so the graph's edge is modest here;
     // its quality on real KV is measured by `kvtier-bench retrieval`.
     let recall = hits as f64 / got.positions.len() as f64;

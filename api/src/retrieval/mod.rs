@@ -43,9 +43,9 @@ pub const MAX_K: u32 = 4096;
 /// exact fallbacks), as measured by `kvtier-bench retrieve` (2,232 B on SmolLM2 keys, d = 64).
 /// Used to keep the indexes inside `max_bytes`.
 pub const INDEX_BYTES_PER_KEY: u64 = 2300;
-/// Resident bytes of one key in an attention-aware index besides its f32 copy: at most 30
-/// links of 4 bytes, an offset and slack.
-pub const AWARE_LINK_BYTES_PER_KEY: u64 = 128;
+/// Resident bytes of one key in an attention-aware index besides its f32 copy: at most 12
+/// links of 4 bytes (`AwareConfig`'s default degree), an offset and slack.
+pub const AWARE_LINK_BYTES_PER_KEY: u64 = 64;
 /// Build queries an attention-aware graph uses at most per KV head (evenly spaced).
 const AWARE_BUILD_QUERIES: usize = 8192;
 

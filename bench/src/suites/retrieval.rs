@@ -6,6 +6,9 @@
 //! evaluated (layer, query head, decode position) and every index:
 //!
 //! - recall@k against the exact top-k of the indexed keys by attention score (inner product);
+//! - mass: the softmax weight (over the indexed keys) of the returned keys ÷ that of the exact
+//!   top-k, i.e. how much of the top-k's attention the answer carries (misses near the k-th
+//!   score cost little mass);
 //! - the relative L2 error of the attention output when attending to the static tokens (sinks
 //!   and recent window, which covers the decode positions themselves) plus the retrieved keys,
 //!   merged by log-sum-exp, against full causal attention;
@@ -35,7 +38,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use kvtier_index::{
     AwareConfig, AwareIndex, BruteForce, BuildInput, HeadIndexes, HnswConfig, HnswRetriever,
-    MatrixView, Retriever, StaticTokens, exact_top_k, full_attention, relative_error,
+    MatrixView, Retriever, StaticTokens, dot, exact_top_k, full_attention, relative_error,
 };
 use rayon::prelude::*;
 use serde_json::json;
@@ -71,7 +74,7 @@ pub struct Args {
     #[arg(long)]
     pub k_build: Option<usize>,
     /// Out-degree bound of the aware key graph.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 12)]
     pub aware_degree: usize,
     /// Popularity exponent of the aware graph's partner ranking (see `AwareConfig`).
     #[arg(long, default_value_t = 0.6)]
@@ -95,6 +98,7 @@ const SCAN_TARGET: f64 = 0.05;
 struct Outcome {
     positions: Vec<u32>,
     recall: f64,
+    mass: f64,
     attn_err: f64,
     scanned_frac: f64,
     micros: f64,
@@ -104,6 +108,7 @@ struct Outcome {
 struct Point {
     ef: usize,
     recall: f64,
+    mass: f64,
     attn_err: f64,
     scanned_frac: f64,
     micros: f64,
@@ -114,6 +119,7 @@ fn summarise(ef: usize, outs: &[&Outcome]) -> Point {
     Point {
         ef,
         recall: outs.iter().map(|o| o.recall).sum::<f64>() / n,
+        mass: outs.iter().map(|o| o.mass).sum::<f64>() / n,
         attn_err: outs.iter().map(|o| o.attn_err).sum::<f64>() / n,
         scanned_frac: outs.iter().map(|o| o.scanned_frac).sum::<f64>() / n,
         micros: median(&outs.iter().map(|o| o.micros).collect::<Vec<_>>()),
@@ -123,6 +129,11 @@ fn summarise(ef: usize, outs: &[&Outcome]) -> Point {
 /// Recall interpolated at `frac` on a (scanned, recall) sweep curve; `false` when `frac` is
 /// outside the curve and the nearest point's figures are returned instead.
 fn at_scan(points: &[Point], frac: f64) -> (f64, f64, bool) {
+    at_scan_of(points, frac, |p| p.recall)
+}
+
+/// [`at_scan`] for any per-point figure.
+fn at_scan_of(points: &[Point], frac: f64, of: impl Fn(&Point) -> f64) -> (f64, f64, bool) {
     let mut sorted: Vec<&Point> = points.iter().collect();
     sorted.sort_by(|a, b| a.scanned_frac.total_cmp(&b.scanned_frac));
     for w in sorted.windows(2) {
@@ -133,7 +144,7 @@ fn at_scan(points: &[Point], frac: f64) -> (f64, f64, bool) {
             } else {
                 0.0
             };
-            return (a.recall + t * (b.recall - a.recall), frac, true);
+            return (of(a) + t * (of(b) - of(a)), frac, true);
         }
     }
     let nearest = if frac < sorted[0].scanned_frac {
@@ -141,7 +152,7 @@ fn at_scan(points: &[Point], frac: f64) -> (f64, f64, bool) {
     } else {
         sorted[sorted.len() - 1]
     };
-    (nearest.recall, nearest.scanned_frac, false)
+    (of(nearest), nearest.scanned_frac, false)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -253,7 +264,8 @@ pub fn run(args: Args) -> Result<()> {
         HNSW_EF.iter().map(ef_of).collect(),
         AWARE_BUDGET
             .iter()
-            .map(|f| ((f * indexed as f64).round() as usize).max(k))
+            // Rounded down, so a budget never scans more than its fraction.
+            .map(|f| ((f * indexed as f64).floor() as usize).max(k))
             .collect(),
     );
     let items: Vec<(usize, usize, usize)> = (0..layers.len())
@@ -275,8 +287,16 @@ pub fn run(args: Args) -> Result<()> {
             let all_v = MatrixView::new(dump.v_rows(layer, kv), d)?;
             let full = full_attention(q, all_k, all_v, p + 1, scale);
             let truth = exact_top_k(all_k.prefix(indexed), q, k);
+            // Softmax weights over the indexed keys: how much of the exact top-k's attention
+            // mass a returned set carries.
+            let logits: Vec<f64> = (0..indexed).map(|i| (dot(q, all_k.row(i)) * scale) as f64).collect();
+            let top = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+            let mass_of = |ps: &[u32]| ps.iter().map(|&p| weights.get(p as usize).copied().unwrap_or(0.0)).sum::<f64>();
+            let truth_mass = mass_of(&truth).max(f64::MIN_POSITIVE);
             let score = |positions: Vec<u32>, scanned: usize, micros: f64| Outcome {
                 recall: positions.iter().filter(|x| truth.contains(x)).count() as f64 / k as f64,
+                mass: mass_of(&positions) / truth_mass,
                 attn_err: relative_error(&stat.attend(q, all_k, all_v, p + 1, &positions, scale), &full),
                 scanned_frac: scanned as f64 / indexed as f64,
                 micros,
@@ -317,12 +337,13 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
 
     println!(
-        "\n{:<8} {:>9} {:>8} {:>10} {:>10} {:>10}",
-        "index", "ef|budget", "recall", "scanned", "attn_err", "query_us"
+        "\n{:<8} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "index", "ef|budget", "recall", "mass", "scanned", "attn_err", "query_us"
     );
     println!(
-        "{:<8} {:>9} {:>8} {:>10} {:>10} {:>10}",
+        "{:<8} {:>9} {:>8} {:>8} {:>10} {:>10} {:>10}",
         "static",
+        "-",
         "-",
         "-",
         "0",
@@ -331,7 +352,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let line = |name: &str, p: &Point| {
         println!(
-            "{:<8} {:>9} {:>8.4} {:>10.4} {:>10.4} {:>10.1}",
+            "{:<8} {:>9} {:>8.4} {:>8.4} {:>10.4} {:>10.4} {:>10.1}",
             name,
             if p.ef == 0 {
                 "-".to_string()
@@ -339,6 +360,7 @@ pub fn run(args: Args) -> Result<()> {
                 p.ef.to_string()
             },
             p.recall,
+            p.mass,
             p.scanned_frac,
             p.attn_err,
             p.micros
@@ -408,6 +430,7 @@ pub fn run(args: Args) -> Result<()> {
     f.num("exact_query_us", brute_pt.micros);
     f.set("aware_budget", head.ef);
     f.num("aware_recall", head.recall);
+    f.num("aware_mass", head.mass);
     f.num("aware_scanned_frac", head.scanned_frac);
     f.num("aware_attn_err", head.attn_err);
     f.num("aware_query_us", head.micros);
@@ -435,6 +458,14 @@ pub fn run(args: Args) -> Result<()> {
     let (aware_at_5, aware_frac_5, aware_reach_5) = at_scan(&aware_pts, SCAN_TARGET);
     let (hnsw_at_5, hnsw_frac_5, hnsw_reach_5) = at_scan(&hnsw_pts, SCAN_TARGET);
     f.num("aware_recall_at_5pct", aware_at_5);
+    f.num(
+        "aware_mass_at_5pct",
+        at_scan_of(&aware_pts, SCAN_TARGET, |p| p.mass).0,
+    );
+    f.num(
+        "hnsw_mass_at_5pct",
+        at_scan_of(&hnsw_pts, SCAN_TARGET, |p| p.mass).0,
+    );
     f.num("aware_recall_at_5pct_frac", aware_frac_5);
     f.set("aware_reaches_5pct", aware_reach_5);
     f.num("hnsw_recall_at_5pct", hnsw_at_5);

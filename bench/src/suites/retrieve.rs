@@ -330,7 +330,7 @@ pub fn run(args: Args) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let build_s = t.elapsed().as_secs_f64();
-        // The service's own estimate (f32 keys + ≤128 B of links per key + the uploaded
+        // The service's own estimate (f32 keys + ≤64 B of links per key + the uploaded
         // queries): an RSS delta is meaningless here, the allocator reuses the memory the
         // previous server freed.
         let bytes = srv.svc.retrieval.usage().1;
