@@ -33,8 +33,9 @@
 //! other; `_w` figures weight layers by `1 − layer_cos` (how much attention moves the residual
 //! stream), a proxy for how much a layer's error matters downstream.
 //!
-//! `squeeze_gain_z_*` is the squeezed allocation's paired per-query improvement over uniform on
-//! the decode positions in standard errors (positive: better; |z| < 2 is within noise).
+//! `squeeze_gain_z_*` is the squeezed allocation's paired improvement over uniform on the decode
+//! positions in batch-means standard errors (blocks of 8 consecutive positions over all heads,
+//! since neighbouring positions err alike; positive: better; |z| < 2 is within noise).
 //!
 //! `--model-eval` also runs the real model over the decode positions with each setting's pruned
 //! cache (every layer's attention masked to its kept prompt positions) and reports the mean KL
@@ -281,6 +282,32 @@ fn paired_gain(baseline: &[f64], candidate: &[f64]) -> (f64, f64) {
     (m, (var / d.len() as f64).sqrt())
 }
 
+/// Paired comparison like [`paired_gain`], with the standard error from batch means: queries
+/// (head-major, `positions` per head) are grouped into blocks of `block` consecutive positions
+/// over all heads, and the error is that of the block means. Neighbouring positions of one text
+/// err alike, so this is the honest error of a mean over a short stretch of text; with few
+/// blocks it is itself noisy.
+fn blocked_gain(baseline: &[f64], candidate: &[f64], positions: usize, block: usize) -> (f64, f64) {
+    let blocks = positions.div_ceil(block.max(1)).max(1);
+    let mut sums = vec![(0.0, 0usize); blocks];
+    for (i, (b, c)) in baseline.iter().zip(candidate).enumerate() {
+        let s = &mut sums[(i % positions.max(1)) / block.max(1)];
+        s.0 += b - c;
+        s.1 += 1;
+    }
+    let means: Vec<f64> = sums
+        .iter()
+        .filter(|s| s.1 > 0)
+        .map(|s| s.0 / s.1 as f64)
+        .collect();
+    let m = mean(&means);
+    let var = means.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (means.len().max(2) - 1) as f64;
+    (m, (var / means.len() as f64).sqrt())
+}
+
+/// Consecutive decode positions per block of [`blocked_gain`].
+const Z_BLOCK: usize = 8;
+
 /// Calibration splits: prompts cut this many `--calibrate` blocks before the decode steps
 /// (cuts before a quarter of the dump are skipped), so a choice must hold at several depths.
 const CALIBRATION_CUTS: [usize; 3] = [1, 4, 16];
@@ -451,9 +478,9 @@ pub fn run(args: Args) -> Result<()> {
             let (squeeze, squeeze_q) = run_setting("squeeze", Some(chosen))?;
             let (u, fx, sq) = (mean(&uniform), mean(&fixed), mean(&squeeze));
             let (uw, sw) = (weighted(&uniform), weighted(&squeeze));
-            // How far the squeezed result is from uniform on the test split, in standard errors
-            // of the paired per-query difference (positive: squeezed better).
-            let (gain, se) = paired_gain(&uniform_q, &squeeze_q);
+            // How far the squeezed result is from uniform on the test split, in batch-means
+            // standard errors of the paired difference (positive: squeezed better).
+            let (gain, se) = blocked_gain(&uniform_q, &squeeze_q, eval, Z_BLOCK);
             let z = if se > 0.0 { gain / se } else { 0.0 };
             println!(
                 "{:<10} {:>5.2} {:>9.4} {:>9.4} {:>7.3} {:>9.4} {:>6.2} {:>7.3} {:>6.1} {:>10.4} {:>10.4}",
@@ -602,4 +629,34 @@ fn model_eval(
     f.num("model_full_ppl", ref_ppl);
     println!("model eval in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocked_gain_sees_correlated_positions() {
+        // Two heads, 16 positions: the difference is +1 on the first 8 positions and −1 on the
+        // last 8 (one stretch of text helped, the next hurt), plus tiny per-query noise.
+        let positions = 16;
+        let base: Vec<f64> = (0..2 * positions)
+            .map(|i| 1.0 + (i % 3) as f64 * 1e-3)
+            .collect();
+        let cand: Vec<f64> = base
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b - if i % positions < 8 { 1.0 } else { -1.0 } + 0.1)
+            .collect();
+        let (g, se) = paired_gain(&base, &cand);
+        let (bg, bse) = blocked_gain(&base, &cand, positions, 8);
+        assert!((g - bg).abs() < 1e-12, "same mean gain: {g} vs {bg}");
+        assert!((g + 0.1).abs() < 1e-9);
+        // Per query the two halves look like 32 independent draws; as two blocks they are
+        // two, and the standard error is several times larger.
+        assert!(bse > 3.0 * se, "blocked se {bse} vs per-query {se}");
+        // Blocks of one position reduce to per-position means over heads.
+        let (g1, se1) = blocked_gain(&base, &cand, positions, 1);
+        assert!((g1 - g).abs() < 1e-12 && se1 > 0.0);
+    }
 }
