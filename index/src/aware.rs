@@ -14,8 +14,8 @@
 //!    (in key space) to an already kept partner than to the key is passed over while better
 //!    placed ones remain, so the links spread over several directions;
 //! 3. a decode query is answered by a search under a budget of inner products that scores
-//!    candidates in order of the evidence for them: it scores the most popular keys (optionally
-//!    plus a fixed random sample), then every scored key votes for its unscored partners,
+//!    candidates in order of the evidence for them: it scores the most popular keys (plus a
+//!    small fixed random sample), then every scored key votes for its unscored partners,
 //!    `exp(score / temperature)` weighted by the link's rank, and the search always scores next
 //!    the candidate with the highest mean vote (votes ÷ link weights plus a prior). A key linked
 //!    from several good keys, or from one very good key through a strong link, comes before the
@@ -57,9 +57,9 @@ pub struct AwareConfig {
     pub max_build_queries: usize,
     /// Entry points taken from the keys most often retrieved by build queries.
     pub hub_entries: usize,
-    /// Entry points taken from a fixed random sample of keys. None by default: with the vote
-    /// search, 8 random entries cost 1.5 points of recall at 5% scanned on layer 18 of the 8k
-    /// capture (numpy), where the best-first walk had needed them to explore.
+    /// Entry points taken from a fixed random sample of keys, so that a search also starts
+    /// outside the hubs' region (on unstructured data the hubs alone reach little). On layer 18
+    /// of the 8k capture (numpy) 8 of them cost 0.6 points of recall at 5% scanned.
     pub sample_entries: usize,
     /// Inner products a [`Retriever::search`] may compute, as a fraction of the keys; the
     /// budget is raised to `min_scan` and to `2·k`.
@@ -79,7 +79,7 @@ impl Default for AwareConfig {
             token_neighbours: 0,
             max_build_queries: 0,
             hub_entries: 16,
-            sample_entries: 0,
+            sample_entries: 8,
             scan_fraction: 0.1,
             min_scan: 256,
             seed: 0x5eed,
@@ -109,6 +109,8 @@ pub struct AwareIndex {
     offsets: Vec<u32>,
     neighbours: Vec<u32>,
     entries: Vec<u32>,
+    /// How many of `entries` are hubs (they come first).
+    hubs: usize,
     /// Largest out-degree (length of the link-weight table a search needs).
     max_links: usize,
     scan_fraction: f64,
@@ -285,12 +287,20 @@ impl AwareIndex {
                 voters.push((s, e));
             }
         }
-        // Votes are relative to the entries' score distribution, so the search does not depend
-        // on the query's norm.
+        // Votes are relative to the hubs' score distribution, so the search does not depend on
+        // the query's norm. The random entries are left out: their (mostly poor) scores widened
+        // the spread, which flattened the votes and cost recall (numpy, layer 18 of the 8k
+        // capture: 0.783 with them in, 0.792 without, 0.798 with no random entries at all).
         let (centre, spread) = {
-            let m = scored.len().max(1) as f64;
-            let mean = scored.iter().map(|s| s.0 as f64).sum::<f64>() / m;
-            let var = scored
+            let hubs = if self.hubs == 0 {
+                scored.len()
+            } else {
+                self.hubs.min(scored.len())
+            };
+            let basis = &scored[..hubs];
+            let m = basis.len().max(1) as f64;
+            let mean = basis.iter().map(|s| s.0 as f64).sum::<f64>() / m;
+            let var = basis
                 .iter()
                 .map(|s| (s.0 as f64 - mean).powi(2))
                 .sum::<f64>()
@@ -571,6 +581,7 @@ impl Retriever for AwareIndex {
             offsets,
             max_links: adjacency.iter().map(Vec::len).max().unwrap_or(0),
             neighbours,
+            hubs: config.hub_entries.min(n),
             entries,
             scan_fraction: config.scan_fraction,
             min_scan: config.min_scan,
