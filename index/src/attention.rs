@@ -244,10 +244,14 @@ mod tests {
                 .collect();
             let merged = parts[2].merge(&parts[0].merge(&parts[1]));
             let full = full_attention(&q, km, vm, n, 0.5);
-            let err = relative_error(&merged.output(), &full);
-            // f32 sums of ~80 terms whose output may partly cancel: 1e-4 is float noise, a
-            // wrong rescale is off by O(1).
-            prop_assert!(err < 1e-4, "relative error {err}");
+            // The output is a convex combination of value rows, so measure the error against
+            // their scale: relative to the output itself it blows up when the rows cancel
+            // (seed 383 gave 1.5e-4 of a near-zero output). 1e-4 of the largest row is f32
+            // noise over ~80 terms; a wrong rescale is off by O(1) of it.
+            let out = merged.output();
+            let diff = out.iter().zip(&full).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+            let scale = (0..n).map(|i| crate::matrix::norm(vm.row(i))).fold(0.0, f32::max);
+            prop_assert!(diff <= 1e-4 * scale, "error {diff} against value rows of norm {scale}");
         }
     }
 }
