@@ -111,8 +111,9 @@ pub struct AwareIndex {
     entries: Vec<u32>,
     /// How many of `entries` are hubs (they come first).
     hubs: usize,
-    /// Largest out-degree (length of the link-weight table a search needs).
-    max_links: usize,
+    /// Vote weight of a key's `j`-th link, `exp(-LINK_DECAY · j)`, for `j` below the largest
+    /// out-degree.
+    link_weights: Vec<f32>,
     scan_fraction: f64,
     min_scan: usize,
 }
@@ -269,11 +270,10 @@ impl AwareIndex {
         let mut scored: Vec<(f32, u32)> = Vec::with_capacity(budget);
         // Scores key `i` unless already seen; every score computed lands in `scored`.
         let visit = |i: u32, visited: &mut [u64], scored: &mut Vec<(f32, u32)>| -> Option<f32> {
-            let (w, b) = (i as usize / 64, i as usize % 64);
-            if visited[w] >> b & 1 == 1 {
+            if is_visited(visited, i) {
                 return None;
             }
-            visited[w] |= 1 << b;
+            visited[i as usize / 64] |= 1 << (i % 64);
             let s = dot(keys.row(i as usize), query);
             scored.push((s, i));
             Some(s)
@@ -307,24 +307,21 @@ impl AwareIndex {
                 / m;
             (mean, var.sqrt().max(f64::MIN_POSITIVE))
         };
-        // Per candidate: summed votes, summed link weights and the bucket of its live queue entry; dense, in buffers this thread keeps between searches.
+        // Per candidate: summed votes, summed link weights and the bucket of its live queue
+        // entry; dense, in buffers this thread keeps between searches.
         let mut scratch = SCRATCH.take().unwrap_or_default();
         scratch.prepare(n);
         let Scratch {
             state,
             queue: frontier,
         } = &mut scratch;
-        let decay: Vec<f32> = (0..self.max_links)
-            .map(|j| (-LINK_DECAY * j as f64).exp() as f32)
-            .collect();
         loop {
             for (s, x) in voters.drain(..) {
                 let strength = ((s as f64 - centre) / (VOTE_TEMPERATURE * spread))
                     .clamp(-700.0, 700.0)
                     .exp();
-                for (&y, &w) in self.links(x).iter().zip(&decay) {
-                    let (yw, yb) = (y as usize / 64, y as usize % 64);
-                    if visited[yw] >> yb & 1 == 1 {
+                for (&y, &w) in self.links(x).iter().zip(&self.link_weights) {
+                    if is_visited(&visited, y) {
                         continue;
                     }
                     let c = &mut state[y as usize];
@@ -370,6 +367,11 @@ impl AwareIndex {
         let positions = top_k_pairs(scored, k).into_iter().map(|p| p.1).collect();
         Ok(SearchResult { positions, scanned })
     }
+}
+
+/// Whether bit `i` of the search's visited set is set.
+fn is_visited(visited: &[u64], i: u32) -> bool {
+    visited[i as usize / 64] >> (i % 64) & 1 == 1
 }
 
 /// Evenly spaced rows of `queries`, at most `max` of them (all when `max` is 0).
@@ -579,7 +581,9 @@ impl Retriever for AwareIndex {
             exact: BruteForce::build(BuildInput::keys(keys), &())?,
             dim,
             offsets,
-            max_links: adjacency.iter().map(Vec::len).max().unwrap_or(0),
+            link_weights: (0..adjacency.iter().map(Vec::len).max().unwrap_or(0))
+                .map(|j| (-LINK_DECAY * j as f64).exp() as f32)
+                .collect(),
             neighbours,
             hubs: config.hub_entries.min(n),
             entries,
