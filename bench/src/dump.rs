@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use half::f16;
+use kvtier_index::MatrixView;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 /// A loaded (or to-be-written) KV dump. Tensors are row-major f32.
@@ -64,6 +65,23 @@ impl KvDump {
     pub fn q_rows(&self, layer: usize, head: usize) -> &[f32] {
         let s = self.q_index(layer, head, 0);
         &self.q[s..s + self.tokens * self.head_dim]
+    }
+
+    /// The key and value matrices of one (layer, kv_head) as views for the index crate.
+    pub fn kv_views(
+        &self,
+        layer: usize,
+        kv_head: usize,
+    ) -> Result<(MatrixView<'_>, MatrixView<'_>)> {
+        Ok((
+            MatrixView::new(self.k_rows(layer, kv_head), self.head_dim)?,
+            MatrixView::new(self.v_rows(layer, kv_head), self.head_dim)?,
+        ))
+    }
+
+    /// The query row of (layer, head) at `token`.
+    pub fn q_row(&self, layer: usize, head: usize, token: usize) -> &[f32] {
+        &self.q_rows(layer, head)[token * self.head_dim..(token + 1) * self.head_dim]
     }
 
     /// KV head used by query head `h` (grouped-query attention).

@@ -51,8 +51,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use kvtier_index::{
-    AttnPartial, MatrixView, SelectionPolicy, cap_budgets, dot, kmeans_layers, relative_error,
-    select_tokens, squeezed_budgets, uniform_budgets,
+    AttnPartial, SelectionPolicy, cap_budgets, dot, kmeans_layers, relative_error, select_tokens,
+    squeezed_budgets, uniform_budgets,
 };
 use rayon::prelude::*;
 use serde_json::json;
@@ -132,13 +132,9 @@ fn layer_errors(
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = Vec::with_capacity(dump.heads * (end - prompt));
     for h in 0..dump.heads {
-        let kv = dump.kv_head_of(h);
-        let (keys, values) = (
-            MatrixView::new(dump.k_rows(layer, kv), d)?,
-            MatrixView::new(dump.v_rows(layer, kv), d)?,
-        );
+        let (keys, values) = dump.kv_views(layer, dump.kv_head_of(h))?;
         for p in prompt..end {
-            let q = &dump.q_rows(layer, h)[p * d..(p + 1) * d];
+            let q = dump.q_row(layer, h, p);
             let old = AttnPartial::over(q, keys, values, kept.iter().map(|&x| x as usize), scale);
             let new = AttnPartial::over(q, keys, values, prompt..=p, scale);
             out.push(relative_error(
@@ -159,14 +155,10 @@ fn full_attention_at(dump: &KvDump, prompt: usize, end: usize) -> Result<Vec<Vec
         .map(|l| -> Result<Vec<Vec<f32>>> {
             let mut out = Vec::new();
             for h in 0..dump.heads {
-                let kv = dump.kv_head_of(h);
-                let (keys, values) = (
-                    MatrixView::new(dump.k_rows(l, kv), d)?,
-                    MatrixView::new(dump.v_rows(l, kv), d)?,
-                );
+                let (keys, values) = dump.kv_views(l, dump.kv_head_of(h))?;
                 for p in prompt..end {
                     out.push(kvtier_index::full_attention(
-                        &dump.q_rows(l, h)[p * d..(p + 1) * d],
+                        dump.q_row(l, h, p),
                         keys,
                         values,
                         p + 1,
@@ -277,9 +269,19 @@ fn per_query(errors: &[Vec<f64>]) -> Vec<f64> {
 /// (baseline − candidate) and its standard error.
 fn paired_gain(baseline: &[f64], candidate: &[f64]) -> (f64, f64) {
     let d: Vec<f64> = baseline.iter().zip(candidate).map(|(b, c)| b - c).collect();
-    let m = mean(&d);
-    let var = d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len().max(2) - 1) as f64;
-    (m, (var / d.len() as f64).sqrt())
+    mean_and_se(&d)
+}
+
+/// Mean of `x` and its standard error (sample standard deviation / √n).
+fn mean_and_se(x: &[f64]) -> (f64, f64) {
+    let m = mean(x);
+    let var = x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len().max(2) - 1) as f64;
+    (m, (var / x.len() as f64).sqrt())
+}
+
+/// A (gain, standard error) pair in standard errors; 0 when the error is 0.
+fn z_of((gain, se): (f64, f64)) -> f64 {
+    if se > 0.0 { gain / se } else { 0.0 }
 }
 
 /// Paired comparison like [`paired_gain`], with the standard error from batch means: queries
@@ -288,10 +290,10 @@ fn paired_gain(baseline: &[f64], candidate: &[f64]) -> (f64, f64) {
 /// err alike, so this is the honest error of a mean over a short stretch of text; with few
 /// blocks it is itself noisy.
 fn blocked_gain(baseline: &[f64], candidate: &[f64], positions: usize, block: usize) -> (f64, f64) {
-    let blocks = positions.div_ceil(block.max(1)).max(1);
-    let mut sums = vec![(0.0, 0usize); blocks];
+    let (positions, block) = (positions.max(1), block.max(1));
+    let mut sums = vec![(0.0, 0usize); positions.div_ceil(block)];
     for (i, (b, c)) in baseline.iter().zip(candidate).enumerate() {
-        let s = &mut sums[(i % positions.max(1)) / block.max(1)];
+        let s = &mut sums[(i % positions) / block];
         s.0 += b - c;
         s.1 += 1;
     }
@@ -300,9 +302,7 @@ fn blocked_gain(baseline: &[f64], candidate: &[f64], positions: usize, block: us
         .filter(|s| s.1 > 0)
         .map(|s| s.0 / s.1 as f64)
         .collect();
-    let m = mean(&means);
-    let var = means.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (means.len().max(2) - 1) as f64;
-    (m, (var / means.len() as f64).sqrt())
+    mean_and_se(&means)
 }
 
 /// Consecutive decode positions per block of [`blocked_gain`].
@@ -429,18 +429,15 @@ pub fn run(args: Args) -> Result<()> {
             let mut trace = Vec::new();
             for p in P_CANDIDATES.into_iter().filter(|&p| p < 1.0) {
                 let errs = errors_at(Some(p))?;
-                let (gain, se) = paired_gain(&pooled_base, &errs.concat());
+                let pooled = paired_gain(&pooled_base, &errs.concat());
                 let split_z: Vec<f64> = base
                     .iter()
                     .zip(&errs)
-                    .map(|(b, e)| {
-                        let (g, s) = paired_gain(b, e);
-                        if s > 0.0 { g / s } else { 0.0 }
-                    })
+                    .map(|(b, e)| z_of(paired_gain(b, e)))
                     .collect();
                 trace.push(format!(
                     "p {p}: z {:.1} [{}]",
-                    if se > 0.0 { gain / se } else { 0.0 },
+                    z_of(pooled),
                     split_z
                         .iter()
                         .map(|z| format!("{z:.1}"))
@@ -452,6 +449,7 @@ pub fn run(args: Args) -> Result<()> {
                 // gain must therefore replicate on every split on its own.
                 let every_split_gains = split_z.iter().all(|&z| z > SIGNIFICANCE);
                 let m = mean(&errs.concat());
+                let (gain, se) = pooled;
                 if gain > SIGNIFICANCE * se && every_split_gains && m < best.0 {
                     best = (m, p);
                 }
@@ -480,8 +478,7 @@ pub fn run(args: Args) -> Result<()> {
             let (uw, sw) = (weighted(&uniform), weighted(&squeeze));
             // How far the squeezed result is from uniform on the test split, in batch-means
             // standard errors of the paired difference (positive: squeezed better).
-            let (gain, se) = blocked_gain(&uniform_q, &squeeze_q, eval, Z_BLOCK);
-            let z = if se > 0.0 { gain / se } else { 0.0 };
+            let z = z_of(blocked_gain(&uniform_q, &squeeze_q, eval, Z_BLOCK));
             println!(
                 "{:<10} {:>5.2} {:>9.4} {:>9.4} {:>7.3} {:>9.4} {:>6.2} {:>7.3} {:>6.1} {:>10.4} {:>10.4}",
                 policy_name,

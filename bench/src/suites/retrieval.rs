@@ -38,7 +38,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use kvtier_index::{
     AwareConfig, AwareIndex, BruteForce, BuildInput, HeadIndexes, HnswConfig, HnswRetriever,
-    MatrixView, Retriever, StaticTokens, dot, exact_top_k, full_attention, relative_error,
+    MatrixView, Retriever, StaticTokens, full_attention, matrix::scores_into, relative_error,
+    top_k_of_scores,
 };
 use rayon::prelude::*;
 use serde_json::json;
@@ -282,16 +283,16 @@ pub fn run(args: Args) -> Result<()> {
         .map(|&(li, h, p)| -> Result<Row> {
             let layer = layers[li];
             let kv = dump.kv_head_of(h);
-            let q = &dump.q_rows(layer, h)[p * d..(p + 1) * d];
-            let all_k = MatrixView::new(dump.k_rows(layer, kv), d)?;
-            let all_v = MatrixView::new(dump.v_rows(layer, kv), d)?;
+            let q = dump.q_row(layer, h, p);
+            let (all_k, all_v) = dump.kv_views(layer, kv)?;
             let full = full_attention(q, all_k, all_v, p + 1, scale);
-            let truth = exact_top_k(all_k.prefix(indexed), q, k);
-            // Softmax weights over the indexed keys: how much of the exact top-k's attention
-            // mass a returned set carries.
-            let logits: Vec<f64> = (0..indexed).map(|i| (dot(q, all_k.row(i)) * scale) as f64).collect();
-            let top = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+            // One pass of scores over the indexed keys gives the exact top-k and the softmax
+            // weights (how much of the top-k's attention mass a returned set carries).
+            let mut scores = Vec::with_capacity(indexed);
+            scores_into(all_k.prefix(indexed), q, &mut scores);
+            let truth = top_k_of_scores(&scores, k);
+            let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f64> = scores.iter().map(|&s| (((s - top) * scale) as f64).exp()).collect();
             let mass_of = |ps: &[u32]| ps.iter().map(|&p| weights.get(p as usize).copied().unwrap_or(0.0)).sum::<f64>();
             let truth_mass = mass_of(&truth).max(f64::MIN_POSITIVE);
             let score = |positions: Vec<u32>, scanned: usize, micros: f64| Outcome {
