@@ -367,9 +367,7 @@ impl AwareIndex {
         let positions = top_k_pairs(scored, k).into_iter().map(|p| p.1).collect();
         Ok(SearchResult { positions, scanned })
     }
-}
 
-impl AwareIndex {
     /// A diagnostic bound, not a search: how many of the true top-`k` keys a search of this
     /// graph could reach within `budget` scored keys if it knew, before scoring, which linked
     /// candidate scores highest. It scores the same entry points as [`AwareIndex::search_budget`]
@@ -785,7 +783,8 @@ mod tests {
             let (mut bound_hits, mut search_hits) = (0, 0);
             for (g, answer) in data.answers.iter().enumerate() {
                 let q = tests.row(g);
-                let scores: Vec<f32> = (0..n).map(|i| dot(keys.row(i), q)).collect();
+                let mut scores = Vec::new();
+                crate::matrix::scores_into(keys, q, &mut scores);
                 let b = index.ordering_bound(&scores, data.k, budget).unwrap();
                 assert!(b.scanned <= budget && b.positions.len() <= data.k);
                 bound_hits += b.positions.iter().filter(|p| answer.contains(p)).count();
