@@ -2,12 +2,14 @@
 //!
 //! - [`disk`]: [`DiskTier`], chunks in checksummed append-only segment files;
 //! - [`shm`]: [`MemfdArenas`], host-tier arenas in memfd shared memory that same-host clients
-//!   can map read-only.
+//!   can map read-only;
+//! - [`transfer`]: the prefill→decode transfer engine's receiver-side allocator.
 //!
 //! All `unsafe` code of the project lives in this crate, each block small and justified.
 
 pub mod disk;
 pub mod shm;
+pub mod transfer;
 
 pub use disk::{DiskConfig, DiskStats, DiskTier, Durability, RecordLocation};
 pub use shm::{MemfdArenas, map_readonly};
