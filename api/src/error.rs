@@ -2,6 +2,7 @@
 //! variants to wire error codes in `server`.)
 
 use kvtier_cache::CacheError;
+use kvtier_prompt::PromptError;
 
 /// Errors a request can end with.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,22 @@ impl From<CacheError> for ApiError {
                 ApiError::Corrupt(msg)
             }
             CacheError::Io { .. } | CacheError::Backend { .. } => ApiError::Unavailable(msg),
+        }
+    }
+}
+
+impl From<PromptError> for ApiError {
+    fn from(e: PromptError) -> Self {
+        let msg = e.to_string();
+        match e {
+            PromptError::Invalid(_)
+            | PromptError::OnlyLossy { .. }
+            | PromptError::UnknownLayout { .. }
+            | PromptError::LossyNotAllowed { .. } => ApiError::BadRequest(msg),
+            PromptError::NotStored(_) => ApiError::NotFound(msg),
+            PromptError::QueriesOverBudget { .. } => ApiError::Full(msg),
+            PromptError::IndexBuild(_) | PromptError::Index(_) => ApiError::Internal(msg),
+            PromptError::Store(e) => e.into(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The running service: the store built from configuration, credentials and the event feed that
 //! both planes share.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -14,11 +14,12 @@ use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
 use kvtier_compress::StoreCodec;
 use kvtier_compress::policy::{CodecPolicy, TierCodecs};
 
+use kvtier_prompt::Layouts;
+use kvtier_prompt::retrieval::{Retrieval, RetrievalConfig};
+use kvtier_prompt::squeeze::{Importance, SqueezeConfig};
+
 use crate::auth::Auth;
-use crate::budget::{Importance, SqueezeConfig};
 use crate::config::{DurabilityMode, ServeConfig};
-use crate::prompt::Layouts;
-use crate::retrieval::{Retrieval, RetrievalConfig};
 
 /// Events buffered per subscriber before a slow one starts missing them (it is told how many).
 pub const EVENT_BUFFER: usize = 4096;
@@ -36,6 +37,8 @@ pub struct Service {
     /// Layouts known by fingerprint: the built-in SmolLM2-135M and Llama-3.1-8B, and the
     /// configured ones.
     pub layouts: Arc<Layouts>,
+    /// Tenant ids of `config.lossy_tenants`: the tenants whose prompts budgets may prune.
+    pub lossy_tenants: Vec<u64>,
     /// Why the disk tier is not in use, when it was configured but could not be opened.
     pub disk_error: Option<String>,
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
@@ -89,7 +92,7 @@ impl Service {
             ..StoreConfig::default()
         };
         let layouts = Arc::new(Layouts::new(
-            crate::prompt::builtin_layouts()
+            kvtier_prompt::builtin_layouts()
                 .into_iter()
                 .map(|(_, l)| l)
                 .chain(config.layouts.iter().cloned()),
@@ -118,17 +121,18 @@ impl Service {
         ));
         let observer = retrieval.clone();
         store.subscribe(move |e| observer.observe(e));
-        crate::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))?;
+        kvtier_prompt::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))?;
         let importance = Arc::new(Importance::default());
-        crate::budget::spawn_squeezer(
+        let lossy_tenants: Vec<u64> = config
+            .lossy_tenants
+            .iter()
+            .map(|t| kvtier_cache::key::tenant_id(t))
+            .collect();
+        kvtier_prompt::squeeze::spawn_squeezer(
             Arc::downgrade(&store),
             layouts.clone(),
             importance.clone(),
-            config
-                .lossy_tenants
-                .iter()
-                .map(|t| kvtier_cache::key::tenant_id(t))
-                .collect(),
+            lossy_tenants.clone(),
             SqueezeConfig {
                 watermark: config.squeeze_watermark,
                 fraction: config.squeeze_fraction,
@@ -145,6 +149,7 @@ impl Service {
             retrieval,
             importance,
             layouts,
+            lossy_tenants,
             disk_error,
             shared_arenas,
             started: Instant::now(),
@@ -176,25 +181,4 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
         hook.allow_lossy(kvtier_cache::key::tenant_id(t));
     }
     hook
-}
-
-/// Runs `f` on a named plain thread every `every`, holding the store weakly: the thread ends
-/// once the store is gone. Background jobs (index builds, squeezing) are CPU work that must not
-/// run on async workers.
-pub(crate) fn spawn_periodic(
-    name: &str,
-    every: Duration,
-    store: Weak<TieredStore>,
-    mut f: impl FnMut(&TieredStore) + Send + 'static,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(every);
-                let Some(store) = store.upgrade() else { return };
-                f(&store);
-            }
-        })
-        .map(|_| ())
 }

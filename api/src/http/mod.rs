@@ -143,6 +143,12 @@ impl From<kvtier_cache::CacheError> for HttpError {
     }
 }
 
+impl From<kvtier_prompt::PromptError> for HttpError {
+    fn from(e: kvtier_prompt::PromptError) -> Self {
+        HttpError(e.into())
+    }
+}
+
 /// Machine-readable kind of an error, stable across message wording changes.
 pub fn error_code(e: &ApiError) -> &'static str {
     match e {

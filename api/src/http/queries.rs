@@ -1,6 +1,6 @@
 //! `PUT /v1/prompts/{key}/queries?heads=H`: an engine uploads query vectors of a stored
 //! prompt's prefill, so the prompt's retrieval index is built with the attention-aware graph
-//! (see [`crate::retrieval`]). The body is raw little-endian f32, `[layer][query head][n]
+//! (see [`kvtier_prompt::retrieval`]). The body is raw little-endian f32, `[layer][query head][n]
 //! [head_dim]`; `{key}` is the prompt's last chunk.
 
 use axum::Json;

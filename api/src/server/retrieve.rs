@@ -1,4 +1,4 @@
-//! `Retrieve`: top-k keys of a stored prompt, with their K/V rows (see [`crate::retrieval`]).
+//! `Retrieve`: top-k keys of a stored prompt, with their K/V rows (see [`kvtier_prompt::retrieval`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +8,9 @@ use bytes::Bytes;
 use super::conn::{Fatal, Outgoing};
 use super::handlers::{Ctx, Reply, frame, header, keys_of, later};
 use crate::error::ApiError;
-use crate::retrieval::RetrieveRequest;
 use crate::transport::Reader;
 use crate::wire::{self, AlignedVec, Preamble, RetrieveHeader, RetrieveOkHeader, WireError};
+use kvtier_prompt::retrieval::RetrieveRequest;
 
 /// Reads the query payload, then searches on a blocking thread (chunk reads may hit disk and
 /// decode; exact scans are CPU work).
