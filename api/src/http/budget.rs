@@ -13,7 +13,7 @@ use kvtier_cache::ChunkKey;
 
 use kvtier_prompt::budget::{BudgetRequest, Selection, apply_budget};
 
-use super::lookup::read_limited;
+use super::extract::read_limited;
 use super::{AppState, HttpResult, authorize, bad_request, blocking, timed};
 
 /// Largest body: H2O scores for a long prompt (`layers × tokens` numbers) fit comfortably.

@@ -10,9 +10,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::json;
 
-use super::chunks::parse_key;
-use super::lookup::read_limited;
-use super::{AppState, authorize, bad_request, blocking, query_pairs, timed};
+use super::extract::{parse_key, query_pairs, read_limited};
+use super::{AppState, authorize, bad_request, blocking, timed};
 
 /// Largest body: 256 MiB, e.g. 2,048 sampled positions of all 9 heads of SmolLM2's 30 layers
 /// take 135 MiB. Engines sample positions rather than send every one.

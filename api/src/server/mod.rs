@@ -3,9 +3,14 @@
 //! [`run`] binds every listener first, so a port in use fails fast with a clear error, then
 //! serves until `shutdown` resolves; it stops accepting, gives open connections a moment to
 //! finish, and flushes the store so everything acknowledged is durable.
+//!
+//! Modules import in one direction: `conn` (the connection loop) → `handlers`, `retrieve` (one
+//! function per request) → `context`, `reply` (leaves: connection state, reply types).
 
 mod conn;
+mod context;
 mod handlers;
+mod reply;
 mod retrieve;
 
 use std::future::Future;
@@ -174,5 +179,98 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
+    }
+}
+
+/// Import direction checks of the sibling modules of `server` and of `http`: a cycle among them
+/// fails here, naming it.
+#[cfg(test)]
+mod tests {
+    /// `(module, source)` of the sibling modules of one folder.
+    type Modules = [(&'static str, &'static str)];
+
+    /// The sibling modules each module names through `super::<name>`.
+    fn imports(modules: &Modules) -> Vec<(&'static str, Vec<&'static str>)> {
+        modules
+            .iter()
+            .map(|(name, src)| {
+                let mut to: Vec<_> = modules
+                    .iter()
+                    .map(|(other, _)| *other)
+                    .filter(|other| other != name)
+                    .filter(|other| {
+                        src.match_indices(&format!("super::{other}"))
+                            .any(|(i, _)| !src[..i].ends_with("super::"))
+                    })
+                    .collect();
+                to.sort();
+                (*name, to)
+            })
+            .collect()
+    }
+
+    /// Panics naming a cycle if the imports have one.
+    fn assert_acyclic(modules: &Modules) {
+        let graph = imports(modules);
+        fn visit<'a>(
+            at: &'a str,
+            graph: &[(&'a str, Vec<&'a str>)],
+            path: &mut Vec<&'a str>,
+            done: &mut Vec<&'a str>,
+        ) {
+            if done.contains(&at) {
+                return;
+            }
+            assert!(!path.contains(&at), "import cycle: {path:?} -> {at}");
+            path.push(at);
+            for next in &graph.iter().find(|(n, _)| *n == at).unwrap().1 {
+                visit(next, graph, path, done);
+            }
+            path.pop();
+            done.push(at);
+        }
+        let mut done = Vec::new();
+        for (name, _) in &graph {
+            visit(name, &graph, &mut Vec::new(), &mut done);
+        }
+    }
+
+    #[test]
+    fn server_modules_import_in_one_direction() {
+        let modules: &Modules = &[
+            ("conn", include_str!("conn.rs")),
+            ("context", include_str!("context.rs")),
+            ("handlers", include_str!("handlers.rs")),
+            ("reply", include_str!("reply.rs")),
+            ("retrieve", include_str!("retrieve.rs")),
+        ];
+        assert_acyclic(modules);
+        let graph = imports(modules);
+        let of = |m: &str| &graph.iter().find(|(n, _)| *n == m).unwrap().1;
+        assert!(
+            of("reply").is_empty() && of("context").is_empty(),
+            "{graph:?}"
+        );
+        assert!(!of("handlers").contains(&"conn"), "{graph:?}");
+        // The check sees real imports: conn does use the others.
+        assert_eq!(of("conn"), &["context", "handlers", "reply", "retrieve"]);
+    }
+
+    #[test]
+    fn http_handlers_import_only_the_shared_extractors() {
+        let modules: &Modules = &[
+            ("budget", include_str!("../http/budget.rs")),
+            ("chunks", include_str!("../http/chunks.rs")),
+            ("events", include_str!("../http/events.rs")),
+            ("extract", include_str!("../http/extract.rs")),
+            ("info", include_str!("../http/info.rs")),
+            ("lookup", include_str!("../http/lookup.rs")),
+            ("openapi", include_str!("../http/openapi.rs")),
+            ("queries", include_str!("../http/queries.rs")),
+        ];
+        assert_acyclic(modules);
+        for (name, to) in imports(modules) {
+            assert!(to.iter().all(|m| *m == "extract"), "{name} imports {to:?}");
+        }
     }
 }

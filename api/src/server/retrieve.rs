@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::conn::{Fatal, Outgoing};
-use super::handlers::{Ctx, Reply, frame, header, keys_of, later};
+use super::context::{Ctx, header, keys_of};
+use super::reply::{Fatal, Outgoing, Reply, frame, later};
 use crate::error::ApiError;
 use crate::transport::Reader;
 use crate::wire::{self, AlignedVec, Preamble, RetrieveHeader, RetrieveOkHeader, WireError};
