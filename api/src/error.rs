@@ -6,6 +6,7 @@
 use kvtier_cache::CacheError;
 use kvtier_prompt::PromptError;
 
+use crate::config::ConfigError;
 use crate::wire::ErrorCode;
 
 /// Errors a request can end with.
@@ -27,6 +28,17 @@ pub enum ApiError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The configuration cannot be used (the service does not start).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An I/O failure starting or stopping the service (binding a listener, a socket file, a
+    /// background thread), with what was being done. The cause is part of the message, not a
+    /// `source`, so a printed chain does not repeat it.
+    #[error("{context}: {error}")]
+    Io {
+        context: String,
+        error: std::io::Error,
+    },
 }
 
 impl From<CacheError> for ApiError {
@@ -132,6 +144,16 @@ impl ApiError {
             ApiError::Corrupt(_) => ErrorKind::Corrupt,
             ApiError::Unavailable(_) => ErrorKind::Unavailable,
             ApiError::Internal(_) => ErrorKind::Internal,
+            ApiError::Config(_) => ErrorKind::BadRequest,
+            ApiError::Io { .. } => ErrorKind::Unavailable,
+        }
+    }
+
+    /// Wraps an I/O error with a short description of what was being done.
+    pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
+        ApiError::Io {
+            context: context.into(),
+            error,
         }
     }
 

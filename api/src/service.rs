@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use tokio::sync::broadcast;
 
 use kvtier_cache::host::ArenaAllocator;
@@ -20,6 +19,7 @@ use kvtier_prompt::squeeze::{Importance, SqueezeConfig};
 
 use crate::auth::Auth;
 use crate::config::{DurabilityMode, ServeConfig};
+use crate::error::ApiError;
 
 /// Events buffered per subscriber before a slow one starts missing them (it is told how many).
 pub const EVENT_BUFFER: usize = 4096;
@@ -50,7 +50,7 @@ impl Service {
     /// Builds the store: host tier (memfd arenas when the kernel offers them) and, when
     /// `disk_bytes > 0`, the disk tier under `data_dir`. A disk tier that cannot be opened is
     /// reported and the service runs on host memory alone.
-    pub fn open(config: ServeConfig) -> Result<Arc<Service>> {
+    pub fn open(config: ServeConfig) -> Result<Arc<Service>, ApiError> {
         config.validate()?;
         let host_cfg = HostConfig::with_budget(config.host_bytes);
         // One small probe arena tells whether memfd works here (it can be missing in sandboxes).
@@ -121,7 +121,8 @@ impl Service {
         ));
         let observer = retrieval.clone();
         store.subscribe(move |e| observer.observe(e));
-        kvtier_prompt::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))?;
+        kvtier_prompt::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))
+            .map_err(|e| ApiError::io("starting the index builder thread", e))?;
         let importance = Arc::new(Importance::default());
         let lossy_tenants: Vec<u64> = config
             .lossy_tenants
@@ -139,7 +140,8 @@ impl Service {
                 p: config.squeeze_p,
                 sinks: 4,
             },
-        )?;
+        )
+        .map_err(|e| ApiError::io("starting the squeezer thread", e))?;
         let auth = Auth::new(config.token.clone(), &config.tenant_tokens);
         Ok(Arc::new(Service {
             config,
@@ -157,7 +159,7 @@ impl Service {
     }
 
     /// Flushes every tier (called on graceful shutdown).
-    pub fn shutdown(&self) -> Result<()> {
+    pub fn shutdown(&self) -> Result<(), ApiError> {
         self.store.flush()?;
         Ok(())
     }

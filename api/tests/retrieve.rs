@@ -89,7 +89,7 @@ struct Served {
     http: String,
     keys: Vec<ChunkKey>,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), kvtier::error::ApiError>>,
 }
 
 async fn serve_prompt() -> (Served, tempfile::TempDir) {

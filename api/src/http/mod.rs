@@ -105,7 +105,7 @@ pub async fn serve(
     svc: Arc<Service>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ApiError> {
     let stop = Arc::new(watch::channel(false).0);
     let app = build(svc, stop.clone());
     // Without an HTTP listener of its own the exporter never drains histogram samples between
@@ -126,7 +126,7 @@ pub async fn serve(
         .with_graceful_shutdown(signal)
         .await;
     upkeep.abort();
-    result.map_err(|e| anyhow::anyhow!("http control plane: {e}"))
+    result.map_err(|e| ApiError::io("http control plane", e))
 }
 
 /// An [`ApiError`] as an HTTP response.

@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use crate::error::ApiError;
 use crate::service::Service;
 use crate::transport::{Reader, Writer};
 
@@ -35,14 +35,14 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the configured addresses. A stale socket file left by a crashed server is replaced;
     /// one a live server still answers on is an error.
-    pub async fn bind(svc: &Service) -> Result<Listeners> {
+    pub async fn bind(svc: &Service) -> Result<Listeners, ApiError> {
         let c = &svc.config;
         let data = TcpListener::bind(c.listen)
             .await
-            .with_context(|| format!("binding the data plane to {}", c.listen))?;
-        let http = TcpListener::bind(c.http)
-            .await
-            .with_context(|| format!("binding the HTTP control plane to {}", c.http))?;
+            .map_err(|e| ApiError::io(format!("binding the data plane to {}", c.listen), e))?;
+        let http = TcpListener::bind(c.http).await.map_err(|e| {
+            ApiError::io(format!("binding the HTTP control plane to {}", c.http), e)
+        })?;
         let unix = match c.socket_path() {
             None => None,
             Some(p) => Some((bind_unix(&p).await?, p)),
@@ -51,19 +51,28 @@ impl Listeners {
     }
 }
 
-async fn bind_unix(path: &PathBuf) -> Result<UnixListener> {
+async fn bind_unix(path: &PathBuf) -> Result<UnixListener, ApiError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            ApiError::io(
+                format!("creating the socket directory {}", dir.display()),
+                e,
+            )
+        })?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!("another server is listening on {}", path.display());
+            return Err(ApiError::Unavailable(format!(
+                "another server is listening on {}",
+                path.display()
+            )));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(|e| {
+            ApiError::io(format!("removing the stale socket {}", path.display()), e)
+        })?;
     }
-    UnixListener::bind(path).with_context(|| format!("binding the unix socket {}", path.display()))
+    UnixListener::bind(path)
+        .map_err(|e| ApiError::io(format!("binding the unix socket {}", path.display()), e))
 }
 
 /// Serves both planes on `listeners` until `shutdown` resolves, then flushes the store.
@@ -71,7 +80,7 @@ pub async fn run(
     svc: Arc<Service>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+) -> Result<(), ApiError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let s = svc.clone();
@@ -159,7 +168,7 @@ pub async fn run(
         move || s.shutdown()
     })
     .await
-    .context("flush task failed")?;
+    .map_err(|e| ApiError::Internal(format!("flush task failed: {e}")))?;
     if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);
     }
