@@ -7,11 +7,35 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use kvtier_cache::{ModelLayout, WriteMode};
 use kvtier_compress::CodecChoice;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// The config file is not valid TOML for [`ServeConfig`].
+    #[error("parsing config file {}: {error}", path.display())]
+    Parse {
+        path: PathBuf,
+        error: toml::de::Error,
+    },
+    /// A value out of range, or a combination that would fail later in confusing ways.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Returns early with [`ConfigError::Invalid`].
+macro_rules! invalid {
+    ($($arg:tt)*) => { return Err(ConfigError::Invalid(format!($($arg)*))) };
+}
 
 /// Durability of acknowledged writes to the disk tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -263,7 +287,7 @@ mod size {
 
 impl ServeConfig {
     /// Layers defaults, the TOML file, then the overrides (clap already put flags over env).
-    pub fn load(o: &ServeOverrides) -> Result<ServeConfig> {
+    pub fn load(o: &ServeOverrides) -> Result<ServeConfig, ConfigError> {
         let mut c = match &o.config {
             Some(p) => Self::from_toml_file(p)?,
             None => ServeConfig::default(),
@@ -292,48 +316,53 @@ impl ServeConfig {
     }
 
     /// Reads a TOML file over the defaults.
-    pub fn from_toml_file(path: &Path) -> Result<ServeConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    pub fn from_toml_file(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            error,
+        })
     }
 
     /// Checks values that would otherwise fail later in confusing ways.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.host_bytes < 1 << 20 {
-            bail!(
+            invalid!(
                 "host_bytes must be at least 1 MiB (got {})",
                 self.host_bytes
             );
         }
         if self.token.as_deref().is_some_and(|t| t.len() < 8) {
-            bail!("token must be at least 8 characters");
+            invalid!("token must be at least 8 characters");
         }
         if self.max_in_flight == 0 || self.max_in_flight > 4096 {
-            bail!("max_in_flight must be in 1..=4096");
+            invalid!("max_in_flight must be in 1..=4096");
         }
         if self.stall_timeout_secs == 0 {
-            bail!("stall_timeout_secs must be at least 1");
+            invalid!("stall_timeout_secs must be at least 1");
         }
         if self.disk_codec.choice().is_lossy() {
-            bail!(
+            invalid!(
                 "disk_codec applies to tenants that demand exact data, so it must be raw or lossless \
                  (got {:?}); set lossy_disk_codec and lossy_tenants for lossy storage",
                 self.disk_codec
             );
         }
         if !(0.0..1.0).contains(&self.squeeze_watermark) {
-            bail!("squeeze_watermark must be in [0, 1) (0 disables)");
+            invalid!("squeeze_watermark must be in [0, 1) (0 disables)");
         }
         if !(self.squeeze_fraction > 0.0 && self.squeeze_fraction <= 1.0) {
-            bail!("squeeze_fraction must be in (0, 1]");
+            invalid!("squeeze_fraction must be in (0, 1]");
         }
         if !(0.0..=1.0).contains(&self.squeeze_p) {
-            bail!("squeeze_p must be in [0, 1]");
+            invalid!("squeeze_p must be in [0, 1]");
         }
         for l in &self.layouts {
             l.validate()
-                .map_err(|e| anyhow::anyhow!("layout {:?}: {e}", l.model_id))?;
+                .map_err(|e| ConfigError::Invalid(format!("layout {:?}: {e}", l.model_id)))?;
         }
         Ok(())
     }

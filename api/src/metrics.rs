@@ -133,7 +133,7 @@ pub fn refresh_store(stats: &StoreStats) {
 }
 
 /// Refreshes the store figures and renders everything in the Prometheus text format.
-pub fn render(stats: &StoreStats, retrieval: &crate::retrieval::Retrieval) -> String {
+pub fn render(stats: &StoreStats, retrieval: &kvtier_prompt::retrieval::Retrieval) -> String {
     let handle = init();
     refresh_store(stats);
     let (prompts, bytes) = retrieval.usage();

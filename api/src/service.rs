@@ -1,10 +1,9 @@
 //! The running service: the store built from configuration, credentials and the event feed that
 //! both planes share.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use tokio::sync::broadcast;
 
 use kvtier_cache::host::ArenaAllocator;
@@ -14,11 +13,13 @@ use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
 use kvtier_compress::StoreCodec;
 use kvtier_compress::policy::{CodecPolicy, TierCodecs};
 
+use kvtier_prompt::Layouts;
+use kvtier_prompt::retrieval::{Retrieval, RetrievalConfig};
+use kvtier_prompt::squeeze::{Importance, SqueezeConfig};
+
 use crate::auth::Auth;
-use crate::budget::{Importance, SqueezeConfig};
 use crate::config::{DurabilityMode, ServeConfig};
-use crate::prompt::Layouts;
-use crate::retrieval::{Retrieval, RetrievalConfig};
+use crate::error::ApiError;
 
 /// Events buffered per subscriber before a slow one starts missing them (it is told how many).
 pub const EVENT_BUFFER: usize = 4096;
@@ -36,6 +37,8 @@ pub struct Service {
     /// Layouts known by fingerprint: the built-in SmolLM2-135M and Llama-3.1-8B, and the
     /// configured ones.
     pub layouts: Arc<Layouts>,
+    /// Tenant ids of `config.lossy_tenants`: the tenants whose prompts budgets may prune.
+    pub lossy_tenants: Vec<u64>,
     /// Why the disk tier is not in use, when it was configured but could not be opened.
     pub disk_error: Option<String>,
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
@@ -47,7 +50,7 @@ impl Service {
     /// Builds the store: host tier (memfd arenas when the kernel offers them) and, when
     /// `disk_bytes > 0`, the disk tier under `data_dir`. A disk tier that cannot be opened is
     /// reported and the service runs on host memory alone.
-    pub fn open(config: ServeConfig) -> Result<Arc<Service>> {
+    pub fn open(config: ServeConfig) -> Result<Arc<Service>, ApiError> {
         config.validate()?;
         let host_cfg = HostConfig::with_budget(config.host_bytes);
         // One small probe arena tells whether memfd works here (it can be missing in sandboxes).
@@ -89,7 +92,7 @@ impl Service {
             ..StoreConfig::default()
         };
         let layouts = Arc::new(Layouts::new(
-            crate::prompt::builtin_layouts()
+            kvtier_prompt::builtin_layouts()
                 .into_iter()
                 .map(|(_, l)| l)
                 .chain(config.layouts.iter().cloned()),
@@ -118,24 +121,27 @@ impl Service {
         ));
         let observer = retrieval.clone();
         store.subscribe(move |e| observer.observe(e));
-        crate::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))?;
+        kvtier_prompt::retrieval::spawn_builder(retrieval.clone(), Arc::downgrade(&store))
+            .map_err(|e| ApiError::io("starting the index builder thread", e))?;
         let importance = Arc::new(Importance::default());
-        crate::budget::spawn_squeezer(
+        let lossy_tenants: Vec<u64> = config
+            .lossy_tenants
+            .iter()
+            .map(|t| kvtier_cache::key::tenant_id(t))
+            .collect();
+        kvtier_prompt::squeeze::spawn_squeezer(
             Arc::downgrade(&store),
             layouts.clone(),
             importance.clone(),
-            config
-                .lossy_tenants
-                .iter()
-                .map(|t| kvtier_cache::key::tenant_id(t))
-                .collect(),
+            lossy_tenants.clone(),
             SqueezeConfig {
                 watermark: config.squeeze_watermark,
                 fraction: config.squeeze_fraction,
                 p: config.squeeze_p,
                 sinks: 4,
             },
-        )?;
+        )
+        .map_err(|e| ApiError::io("starting the squeezer thread", e))?;
         let auth = Auth::new(config.token.clone(), &config.tenant_tokens);
         Ok(Arc::new(Service {
             config,
@@ -145,6 +151,7 @@ impl Service {
             retrieval,
             importance,
             layouts,
+            lossy_tenants,
             disk_error,
             shared_arenas,
             started: Instant::now(),
@@ -152,7 +159,7 @@ impl Service {
     }
 
     /// Flushes every tier (called on graceful shutdown).
-    pub fn shutdown(&self) -> Result<()> {
+    pub fn shutdown(&self) -> Result<(), ApiError> {
         self.store.flush()?;
         Ok(())
     }
@@ -176,25 +183,4 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
         hook.allow_lossy(kvtier_cache::key::tenant_id(t));
     }
     hook
-}
-
-/// Runs `f` on a named plain thread every `every`, holding the store weakly: the thread ends
-/// once the store is gone. Background jobs (index builds, squeezing) are CPU work that must not
-/// run on async workers.
-pub(crate) fn spawn_periodic(
-    name: &str,
-    every: Duration,
-    store: Weak<TieredStore>,
-    mut f: impl FnMut(&TieredStore) + Send + 'static,
-) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(every);
-                let Some(store) = store.upgrade() else { return };
-                f(&store);
-            }
-        })
-        .map(|_| ())
 }

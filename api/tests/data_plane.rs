@@ -19,7 +19,7 @@ struct TestServer {
     unix: String,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), kvtier::error::ApiError>>>,
 }
 
 impl TestServer {

@@ -20,7 +20,7 @@ struct Harness {
     base: String,
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<Result<(), kvtier::error::ApiError>>,
     _dir: tempfile::TempDir,
 }
 

@@ -89,7 +89,7 @@ struct Served {
     http: String,
     keys: Vec<ChunkKey>,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), kvtier::error::ApiError>>,
 }
 
 async fn serve_prompt() -> (Served, tempfile::TempDir) {
@@ -307,7 +307,9 @@ async fn uploaded_queries_build_the_attention_aware_index() {
     // The builder builds the aware graphs for the prompt once it settles.
     let tenant = kvtier_cache::key::tenant_id("t");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while svc.retrieval.index_kind(tenant, &keys) != Some(kvtier::retrieval::IndexUsed::Aware) {
+    while svc.retrieval.index_kind(tenant, &keys)
+        != Some(kvtier_prompt::retrieval::IndexUsed::Aware)
+    {
         assert!(Instant::now() < deadline, "aware index never built");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

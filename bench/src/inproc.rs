@@ -71,7 +71,8 @@ impl InProcessServer {
                 run(svc, listeners, async move {
                     let _ = stop_rx.await;
                 })
-                .await
+                .await?;
+                Ok(())
             })
         });
         let (svc, tcp, unix, handle) = started_rx

@@ -58,7 +58,7 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 
 /// The layout named on the command line.
 pub(super) fn known_layout(name: &str) -> Result<ModelLayout> {
-    let builtin = crate::prompt::builtin_layouts();
+    let builtin = kvtier_prompt::builtin_layouts();
     match builtin.iter().find(|(n, _)| *n == name) {
         Some((_, l)) => Ok(l.clone()),
         None => {

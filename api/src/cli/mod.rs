@@ -147,5 +147,6 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         eprintln!("warning: disk tier unavailable, serving from host memory only: {e}");
     }
     let listeners = crate::server::Listeners::bind(&svc).await?;
-    crate::server::run(svc, listeners, crate::server::shutdown_signal()).await
+    crate::server::run(svc, listeners, crate::server::shutdown_signal()).await?;
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! `POST /v1/prompts/budget`: prune a stored prompt to a layer-wise token budget
-//! (see [`crate::budget`]).
+//! (see [`kvtier_prompt::budget`], which also enforces that only lossy tenants may prune).
 
 use axum::Json;
 use axum::body::Body;
@@ -11,10 +11,10 @@ use serde_json::Value;
 
 use kvtier_cache::ChunkKey;
 
-use super::lookup::read_limited;
-use super::{AppState, HttpError, HttpResult, authorize, bad_request, blocking, timed};
-use crate::budget::{BudgetRequest, Selection, apply_budget};
-use crate::error::ApiError;
+use kvtier_prompt::budget::{BudgetRequest, Selection, apply_budget};
+
+use super::extract::read_limited;
+use super::{AppState, HttpResult, authorize, bad_request, blocking, timed};
 
 /// Largest body: H2O scores for a long prompt (`layers × tokens` numbers) fit comfortably.
 pub const MAX_BUDGET_BODY: usize = 64 << 20;
@@ -90,18 +90,12 @@ fn parse(body: &[u8], default_p: f64) -> HttpResult<BudgetRequest> {
 pub(super) async fn budget(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     timed("budget", async move {
         let caller = authorize(&st.svc, &headers)?;
-        if !st.svc.config.lossy_tenants.contains(&caller.principal.tenant) {
-            return Err(HttpError(ApiError::BadRequest(format!(
-                "tenant {:?} does not accept lossy data; list it in lossy_tenants to prune its prompts",
-                caller.principal.tenant
-            ))));
-        }
         let body = read_limited(body, MAX_BUDGET_BODY).await?;
         let svc = st.svc.clone();
         let tenant = caller.tenant_id;
         blocking(move || {
             let req = parse(&body, svc.config.squeeze_p)?;
-            let out = apply_budget(&svc.store, &svc.layouts, tenant, &req)?;
+            let out = apply_budget(&svc.store, &svc.layouts, &svc.lossy_tenants, tenant, &req)?;
             // Engines send layer importance here; the squeezer reuses it under pressure.
             if let (Some(cos), Some(info)) = (&req.layer_cos, svc.store.info(tenant, req.keys[0])) {
                 svc.importance.remember(info.meta.layout, cos);

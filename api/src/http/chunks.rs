@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use kvtier_cache::{ChunkInfo, ChunkKey, TierKind};
 
+use super::extract::{parse_bool, parse_key, query_pairs};
 use super::{
-    AppState, HttpError, HttpResult, authorize, bad_request, blocking, fingerprint_hex, parse_bool,
-    query_pairs, timed,
+    AppState, HttpError, HttpResult, authorize, bad_request, blocking, fingerprint_hex, timed,
 };
 use crate::error::ApiError;
 
@@ -57,11 +57,6 @@ fn codec_name(codec: u16) -> &'static str {
 
 fn tier_names(t: kvtier_cache::TierSet) -> Vec<&'static str> {
     t.iter().map(TierKind::name).collect()
-}
-
-pub(super) fn parse_key(text: &str) -> HttpResult<ChunkKey> {
-    text.parse::<ChunkKey>()
-        .map_err(|e| bad_request(e.to_string()))
 }
 
 fn parse_tier(text: &str) -> HttpResult<TierKind> {
@@ -201,12 +196,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_and_tiers_parse_with_clear_errors() {
-        let k = ChunkKey(0xabc);
-        assert_eq!(parse_key(&k.to_string()).unwrap(), k);
-        let err = parse_key("not-a-key").unwrap_err().0;
-        assert_eq!(err.http_status(), 400);
-        assert!(err.to_string().contains("expected 32 hex digits"), "{err}");
+    fn tiers_parse_with_clear_errors() {
         assert_eq!(parse_tier("disk").unwrap(), TierKind::Disk);
         assert!(
             parse_tier("Disk")

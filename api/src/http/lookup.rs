@@ -11,14 +11,13 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use kvtier_cache::key::{DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOKENS};
 use kvtier_cache::{ModelLayout, Namespace, TieredStore};
 
+use super::extract::read_limited;
 use super::{
     AppState, HttpError, HttpResult, authorize, bad_request, blocking, fingerprint_hex, timed,
 };
@@ -103,22 +102,6 @@ pub(super) async fn lookup(State(st): State<AppState>, headers: HeaderMap, body:
         if small { work() } else { blocking(work).await }
     })
     .await
-}
-
-/// Reads the whole body, refusing (413) as soon as it passes `limit`.
-pub(super) async fn read_limited(body: Body, limit: usize) -> HttpResult<Bytes> {
-    let mut stream = body.into_data_stream();
-    let mut buf = BytesMut::new();
-    while let Some(frame) = stream.next().await {
-        let frame = frame.map_err(|e| bad_request(format!("reading request body: {e}")))?;
-        if buf.len() + frame.len() > limit {
-            return Err(HttpError(ApiError::TooLarge(format!(
-                "request body exceeds {limit} bytes"
-            ))));
-        }
-        buf.extend_from_slice(&frame);
-    }
-    Ok(buf.freeze())
 }
 
 fn run_lookup(store: &TieredStore, tenant: &str, body: &[u8]) -> HttpResult<Json<Value>> {

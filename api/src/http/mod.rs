@@ -5,16 +5,18 @@
 //! Every route except `/healthz` needs `Authorization: Bearer <token>` when a token is
 //! configured; the caller's tenant comes from `X-Kvtier-Tenant` (default `default`) and scopes
 //! everything tenant-owned (lookup, list, show, delete, events). Errors are JSON objects
-//! `{"error": "<message>", "code": "<kind>"}` with the status of [`ApiError::http_status`],
+//! `{"error": "<message>", "code": "<kind>"}` with the status and code of its [`crate::error::ErrorKind`],
 //! including malformed bodies, queries and unknown routes, so clients parse one shape only.
 //!
 //! Handlers are in one file per surface: [`info`] (health, stats, config, metrics),
-//! [`lookup`], [`chunks`], [`events`] and [`openapi`]. Work that may touch the disk or scan the
-//! whole index runs on blocking threads ([`blocking`]).
+//! [`lookup`], [`chunks`], [`budget`], [`queries`], [`events`] and [`openapi`]; the extractors
+//! they share are in [`extract`], and handlers never import from each other. Work that may touch
+//! the disk or scan the whole index runs on blocking threads ([`blocking`]).
 
 mod budget;
 mod chunks;
 mod events;
+mod extract;
 mod info;
 mod lookup;
 pub mod openapi;
@@ -103,7 +105,7 @@ pub async fn serve(
     svc: Arc<Service>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ApiError> {
     let stop = Arc::new(watch::channel(false).0);
     let app = build(svc, stop.clone());
     // Without an HTTP listener of its own the exporter never drains histogram samples between
@@ -124,7 +126,7 @@ pub async fn serve(
         .with_graceful_shutdown(signal)
         .await;
     upkeep.abort();
-    result.map_err(|e| anyhow::anyhow!("http control plane: {e}"))
+    result.map_err(|e| ApiError::io("http control plane", e))
 }
 
 /// An [`ApiError`] as an HTTP response.
@@ -143,25 +145,18 @@ impl From<kvtier_cache::CacheError> for HttpError {
     }
 }
 
-/// Machine-readable kind of an error, stable across message wording changes.
-pub fn error_code(e: &ApiError) -> &'static str {
-    match e {
-        ApiError::Unauthorized(_) => "unauthorized",
-        ApiError::NotFound(_) => "not_found",
-        ApiError::BadRequest(_) => "bad_request",
-        ApiError::TooLarge(_) => "too_large",
-        ApiError::Full(_) => "full",
-        ApiError::Corrupt(_) => "corrupt",
-        ApiError::Unavailable(_) => "unavailable",
-        ApiError::Internal(_) => "internal",
+impl From<kvtier_prompt::PromptError> for HttpError {
+    fn from(e: kvtier_prompt::PromptError) -> Self {
+        HttpError(e.into())
     }
 }
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        let kind = self.0.kind();
         let status =
-            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = serde_json::json!({ "error": self.0.to_string(), "code": error_code(&self.0) });
+            StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::json!({ "error": self.0.to_string(), "code": kind.code() });
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
@@ -256,67 +251,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| HttpError(ApiError::Internal(format!("blocking task failed: {e}"))))?
 }
 
-/// Query parameters as `(name, value)` pairs, refusing names the route does not know so a
-/// misspelt filter is an error rather than silently ignored.
-fn query_pairs(raw: Option<&str>, known: &[&str]) -> HttpResult<Vec<(String, String)>> {
-    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for part in raw.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = part.split_once('=').unwrap_or((part, ""));
-        let name = percent_decode(name)?;
-        if !known.contains(&name.as_str()) {
-            return Err(bad_request(format!(
-                "unknown query parameter {name:?} (known: {})",
-                known.join(", ")
-            )));
-        }
-        out.push((name, percent_decode(value)?));
-    }
-    Ok(out)
-}
-
-/// Decodes `%XX` escapes and `+` (form encoding's space).
-fn percent_decode(s: &str) -> HttpResult<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| bad_request("malformed percent escape in query"))?;
-                out.push(hex);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad_request("query is not valid utf-8"))
-}
-
-/// Parses a boolean query value.
-fn parse_bool(name: &str, v: &str) -> HttpResult<bool> {
-    match v {
-        "" | "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" => Ok(false),
-        _ => Err(bad_request(format!(
-            "query parameter {name} must be true or false, got {v:?}"
-        ))),
-    }
-}
-
 /// A layout fingerprint as clients see it: 16 hex digits, because JSON numbers above 2^53 lose
 /// precision in many clients.
 fn fingerprint_hex(fp: u64) -> String {
@@ -329,51 +263,4 @@ fn unix_millis() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queries_decode_and_unknown_names_are_refused() {
-        let q = query_pairs(
-            Some("tier=host&after=%2Fx+y&limit=5"),
-            &["tier", "after", "limit"],
-        )
-        .unwrap();
-        assert_eq!(
-            q,
-            vec![
-                ("tier".to_string(), "host".to_string()),
-                ("after".to_string(), "/x y".to_string()),
-                ("limit".to_string(), "5".to_string()),
-            ]
-        );
-        let err = query_pairs(Some("tierr=host"), &["tier"]).unwrap_err();
-        assert!(
-            err.0
-                .to_string()
-                .contains("unknown query parameter \"tierr\"")
-        );
-        assert!(query_pairs(Some("tier=%zz"), &["tier"]).is_err());
-        assert!(query_pairs(Some("tier=%4"), &["tier"]).is_err());
-        assert!(query_pairs(None, &[]).unwrap().is_empty());
-    }
-
-    #[test]
-    fn every_error_kind_has_a_distinct_code() {
-        let all = [
-            ApiError::Unauthorized(String::new()),
-            ApiError::NotFound(String::new()),
-            ApiError::BadRequest(String::new()),
-            ApiError::TooLarge(String::new()),
-            ApiError::Full(String::new()),
-            ApiError::Corrupt(String::new()),
-            ApiError::Unavailable(String::new()),
-            ApiError::Internal(String::new()),
-        ];
-        let codes: std::collections::BTreeSet<_> = all.iter().map(error_code).collect();
-        assert_eq!(codes.len(), all.len());
-    }
 }

@@ -1,6 +1,6 @@
 //! `PUT /v1/prompts/{key}/queries?heads=H`: an engine uploads query vectors of a stored
 //! prompt's prefill, so the prompt's retrieval index is built with the attention-aware graph
-//! (see [`crate::retrieval`]). The body is raw little-endian f32, `[layer][query head][n]
+//! (see [`kvtier_prompt::retrieval`]). The body is raw little-endian f32, `[layer][query head][n]
 //! [head_dim]`; `{key}` is the prompt's last chunk.
 
 use axum::Json;
@@ -10,9 +10,8 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::json;
 
-use super::chunks::parse_key;
-use super::lookup::read_limited;
-use super::{AppState, authorize, bad_request, blocking, query_pairs, timed};
+use super::extract::{parse_key, query_pairs, read_limited};
+use super::{AppState, authorize, bad_request, blocking, timed};
 
 /// Largest body: 256 MiB, e.g. 2,048 sampled positions of all 9 heads of SmolLM2's 30 layers
 /// take 135 MiB. Engines sample positions rather than send every one.

@@ -9,67 +9,24 @@
 //! frame and the connection stays open.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
 
 use kvtier_cache::key::tenant_id;
-use kvtier_cache::{CacheError, ChunkKey, GetOutcome, Namespace, TierKind};
 
-use super::handlers::{self, Ctx, Reply};
+use super::context::Ctx;
+use super::handlers;
+use super::reply::{Fatal, Outgoing, Reply};
 use crate::error::ApiError;
 use crate::service::Service;
 use crate::transport::{Reader, Writer};
 use crate::wire::{
-    self, AlignedVec, ErrorCode, HelloHeader, HelloOkHeader, Limits, Opcode, Preamble, WireError,
+    self, AlignedVec, HelloHeader, HelloOkHeader, Limits, Opcode, Preamble, WireError,
 };
-
-/// A response on its way to the writer task.
-pub(crate) struct Outgoing {
-    pub head: Vec<u8>,
-    pub payload: Vec<Bytes>,
-    /// Descriptors sent right after the frame (Unix sockets only).
-    pub fds: Vec<OwnedFd>,
-    /// Close the connection after this frame.
-    pub close: bool,
-}
-
-impl Outgoing {
-    pub fn frame(head: Vec<u8>) -> Self {
-        Outgoing {
-            head,
-            payload: Vec::new(),
-            fds: Vec::new(),
-            close: false,
-        }
-    }
-
-    pub fn error(request_id: u64, err: &ApiError) -> Self {
-        Outgoing::frame(wire::error_frame(
-            request_id,
-            error_code(err),
-            &err.to_string(),
-        ))
-    }
-}
-
-/// The wire code of a service error.
-pub(crate) fn error_code(e: &ApiError) -> ErrorCode {
-    match e {
-        ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
-        ApiError::NotFound(_) => ErrorCode::NotFound,
-        ApiError::BadRequest(_) => ErrorCode::InvalidArgument,
-        ApiError::TooLarge(_) => ErrorCode::TooLarge,
-        ApiError::Full(_) => ErrorCode::TierFull,
-        ApiError::Corrupt(_) => ErrorCode::Corrupt,
-        ApiError::Unavailable(_) => ErrorCode::Busy,
-        ApiError::Internal(_) => ErrorCode::Internal,
-    }
-}
 
 /// Serves one connection until the peer closes it, breaks a frame rule, or the server stops.
 pub(crate) async fn serve(svc: Arc<Service>, mut reader: Reader, writer: Writer) {
@@ -160,25 +117,6 @@ async fn send_reply(
 fn patch_request_id(head: &mut [u8], id: u64) {
     if head.len() >= wire::PREAMBLE_LEN {
         head[8..16].copy_from_slice(&id.to_le_bytes());
-    }
-}
-
-/// Why a connection ends early.
-pub(crate) enum Fatal {
-    /// A frame broke a rule: answer with an error frame (for this request id) and close.
-    Wire(u64, WireError),
-    /// Authentication failed.
-    Denied(ApiError),
-    /// The peer went away.
-    Closed,
-}
-
-impl From<WireError> for Fatal {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::Io(_) => Fatal::Closed,
-            e => Fatal::Wire(0, e),
-        }
     }
 }
 
@@ -308,40 +246,4 @@ async fn dispatch(
         Opcode::GetLocated => handlers::get_located(ctx, buf),
         other => return Err(fatal(WireError::UnknownOpcode(other as u8))),
     })
-}
-
-/// Reads one chunk for `tenant`, honouring fidelity; `None` for a miss or an excluded chunk.
-pub(crate) fn read_chunk(
-    svc: &Service,
-    tenant: u64,
-    key: ChunkKey,
-    accept_lossy: bool,
-) -> Result<Option<kvtier_cache::ChunkRead>, CacheError> {
-    Ok(match svc.store.get(tenant, key, accept_lossy)? {
-        GetOutcome::Hit(r) => Some(r),
-        GetOutcome::Miss | GetOutcome::FidelityRejected(_) => None,
-    })
-}
-
-/// Whether reading `keys` may touch a slower tier (and so should run on a blocking thread).
-pub(crate) fn needs_io(svc: &Service, tenant: u64, keys: &[ChunkKey]) -> bool {
-    keys.iter().any(|k| {
-        svc.store
-            .info(tenant, *k)
-            .is_some_and(|i| !i.tiers.contains(TierKind::Host))
-    })
-}
-
-/// The namespace a lookup hashes in.
-pub(crate) fn namespace(
-    tenant: &str,
-    fingerprint: u64,
-    salt: Option<&str>,
-    chunk_tokens: u32,
-) -> Namespace {
-    let mut ns = Namespace::new(fingerprint, tenant).with_chunk_tokens(chunk_tokens);
-    if let Some(s) = salt {
-        ns = ns.with_salt(s);
-    }
-    ns
 }

@@ -2,9 +2,6 @@
 //! work done on the connection's task) or later (a future, for work that may touch disk or copy
 //! large buffers, which runs on a blocking thread).
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,72 +11,22 @@ use parking_lot::Mutex;
 
 use kvtier_cache::{CacheError, ChunkKey, WriteMode};
 
-use super::conn::{Fatal, Outgoing, namespace, needs_io, read_chunk};
+use super::context::{Ctx, Region, header, keys_of, namespace, needs_io, read_chunk};
+use super::reply::{Fatal, Outgoing, Reply, frame, later, ok_frame};
 use crate::error::ApiError;
-use crate::service::Service;
 use crate::transport::Reader;
 use crate::wire::{
     self, AlignedVec, ArenaInfo, ChunkMetaWire, DeleteHeader, DeleteOkHeader, GetEntry, GetHeader,
-    GetLocatedHeader, GetLocatedOkHeader, GetOkHeader, LeaseHeader, LeaseOkHeader, Limits,
-    LocatedEntry, LookupHeader, LookupHit, LookupOkHeader, MapArenasOkHeader, OkHeader, Preamble,
-    PutHeader, ReleaseHeader, ShmGetHeader, ShmPutHeader, ShmRegisterHeader, ShmRegisterOkHeader,
-    StatsOkHeader, WireError, WireHeader,
+    GetLocatedHeader, GetLocatedOkHeader, GetOkHeader, LeaseHeader, LeaseOkHeader, LocatedEntry,
+    LookupHeader, LookupHit, LookupOkHeader, MapArenasOkHeader, Preamble, PutHeader, ReleaseHeader,
+    ShmGetHeader, ShmPutHeader, ShmRegisterHeader, ShmRegisterOkHeader, StatsOkHeader, WireError,
 };
-
-/// Per-connection state handlers share.
-pub(crate) struct Ctx {
-    pub svc: Arc<Service>,
-    pub tenant: String,
-    pub tenant_id: u64,
-    /// Shared-memory regions this client registered (Unix sockets only).
-    pub regions: Mutex<HashMap<u64, Arc<Region>>>,
-    pub limits: Limits,
-}
-
-/// A client's memfd region mapped into the server.
-pub(crate) struct Region {
-    map: Mutex<memmap2::MmapMut>,
-}
 
 static NEXT_REGION: AtomicU64 = AtomicU64::new(1);
 /// Largest shared region a client may register (64 GiB).
 const MAX_REGION: u64 = 64 << 30;
 /// Regions one connection may register.
 const MAX_REGIONS: usize = 64;
-
-type Work = Pin<Box<dyn Future<Output = Result<Outgoing, ApiError>> + Send>>;
-
-/// How a request is answered.
-pub(crate) enum Reply {
-    Now(Result<Outgoing, ApiError>),
-    Later(Work),
-}
-
-pub(super) fn later(f: impl FnOnce() -> Result<Outgoing, ApiError> + Send + 'static) -> Reply {
-    Reply::Later(Box::pin(async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ApiError::Internal(format!("request task failed: {e}")))?
-    }))
-}
-
-pub(super) fn frame<T: WireHeader>(header: &T, payload_len: u64) -> Result<Vec<u8>, ApiError> {
-    wire::frame_head(T::OPCODE, 0, 0, header, payload_len)
-        .map_err(|e| ApiError::Internal(e.to_string()))
-}
-
-fn ok_frame() -> Result<Outgoing, ApiError> {
-    Ok(Outgoing::frame(frame(&OkHeader {}, 0)?))
-}
-
-/// The archived header of an already validated frame.
-pub(super) fn header<T: WireHeader>(buf: &AlignedVec) -> Result<&T::Archived, ApiError> {
-    wire::access_header::<T>(T::OPCODE, buf).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-pub(super) fn keys_of(keys: &rkyv::Archived<Vec<u128>>) -> Vec<ChunkKey> {
-    keys.iter().map(|k| ChunkKey(k.to_native())).collect()
-}
 
 /// `Put`: the payload is read straight into a reserved host slot, then published.
 pub(crate) async fn put(

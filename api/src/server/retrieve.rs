@@ -1,16 +1,16 @@
-//! `Retrieve`: top-k keys of a stored prompt, with their K/V rows (see [`crate::retrieval`]).
+//! `Retrieve`: top-k keys of a stored prompt, with their K/V rows (see [`kvtier_prompt::retrieval`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::conn::{Fatal, Outgoing};
-use super::handlers::{Ctx, Reply, frame, header, keys_of, later};
+use super::context::{Ctx, header, keys_of};
+use super::reply::{Fatal, Outgoing, Reply, frame, later};
 use crate::error::ApiError;
-use crate::retrieval::RetrieveRequest;
 use crate::transport::Reader;
 use crate::wire::{self, AlignedVec, Preamble, RetrieveHeader, RetrieveOkHeader, WireError};
+use kvtier_prompt::retrieval::RetrieveRequest;
 
 /// Reads the query payload, then searches on a blocking thread (chunk reads may hit disk and
 /// decode; exact scans are CPU work).

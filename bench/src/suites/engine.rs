@@ -79,7 +79,7 @@ struct Remote {
 
 struct InProcess {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<()>>,
+    task: tokio::task::JoinHandle<std::result::Result<(), kvtier::error::ApiError>>,
     _dir: tempfile::TempDir,
 }
 

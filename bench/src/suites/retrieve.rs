@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use half::f16;
 use kvtier::client::{Client, ClientOptions, RetrieveReply};
-use kvtier::retrieval::IndexUsed;
 use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout, Namespace};
 use kvtier_index::{MatrixView, exact_top_k};
+use kvtier_prompt::retrieval::IndexUsed;
 
 use crate::dump::KvDump;
 use crate::inproc::{InProcessServer, runtime};

@@ -1,42 +1,15 @@
-//! The service's layout registry, and a stored prompt read back chunk by chunk: what RETRIEVE,
-//! budgets and the squeezer all start from.
-
-use std::collections::HashMap;
+//! A stored prompt read back: its chunk chain walked by parent links, and its chunks read raw
+//! from whichever tier holds them. What RETRIEVE, budgets and the squeezer all start from.
 
 use bytes::Bytes;
 use kvtier_cache::tier::CODEC_RAW;
 use kvtier_cache::{ChunkKey, ChunkMeta, GetOutcome, ModelLayout, TieredStore};
 
-use crate::error::ApiError;
+use crate::error::{PromptError, Result};
+use crate::layouts::Layouts;
 
 /// Longest prompt (in chunks) one request or background job walks.
 pub const MAX_PROMPT_CHUNKS: usize = 4096;
-
-/// The layouts every kvtier knows, by the names the CLI accepts.
-pub fn builtin_layouts() -> [(&'static str, ModelLayout); 2] {
-    [
-        ("llama-3.1-8b", ModelLayout::llama31_8b()),
-        ("smollm2-135m", ModelLayout::smollm2_135m()),
-    ]
-}
-
-/// Layouts the service knows by fingerprint (the store itself only sees fingerprints).
-#[derive(Debug, Clone, Default)]
-pub struct Layouts(HashMap<u64, ModelLayout>);
-
-impl Layouts {
-    pub fn new(layouts: impl IntoIterator<Item = ModelLayout>) -> Self {
-        Layouts(layouts.into_iter().map(|l| (l.fingerprint(), l)).collect())
-    }
-
-    pub fn get(&self, fingerprint: u64) -> Option<&ModelLayout> {
-        self.0.get(&fingerprint)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &ModelLayout> {
-        self.0.values()
-    }
-}
 
 /// One chunk of a prompt as read from the store (decoded, raw).
 pub struct StoredChunk {
@@ -63,9 +36,9 @@ pub fn read_prompt(
     tenant: u64,
     keys: &[ChunkKey],
     accept_lossy: bool,
-) -> Result<StoredPrompt, ApiError> {
+) -> Result<StoredPrompt> {
     if keys.is_empty() || keys.len() > MAX_PROMPT_CHUNKS {
-        return Err(ApiError::BadRequest(format!(
+        return Err(PromptError::Invalid(format!(
             "a prompt has 1..={MAX_PROMPT_CHUNKS} chunks (got {})",
             keys.len()
         )));
@@ -75,29 +48,28 @@ pub fn read_prompt(
     for key in keys {
         let read = match store.get(tenant, *key, accept_lossy)? {
             GetOutcome::Hit(r) => r,
-            GetOutcome::Miss => {
-                return Err(ApiError::NotFound(format!("chunk {key} is not stored")));
-            }
-            GetOutcome::FidelityRejected(f) => {
-                return Err(ApiError::BadRequest(format!(
-                    "chunk {key} is only held lossy ({f}) and this request needs exact data"
-                )));
+            GetOutcome::Miss => return Err(PromptError::NotStored(*key)),
+            GetOutcome::FidelityRejected(fidelity) => {
+                return Err(PromptError::OnlyLossy {
+                    key: *key,
+                    fidelity,
+                });
             }
         };
-        let l = layouts.get(read.meta.layout).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "layout {:016x} of chunk {key} is not registered (add it to `layouts`)",
-                read.meta.layout
-            ))
-        })?;
+        let l = layouts
+            .get(read.meta.layout)
+            .ok_or(PromptError::UnknownLayout {
+                key: *key,
+                layout: read.meta.layout,
+            })?;
         if layout.is_some_and(|first| first != l) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PromptError::Invalid(format!(
                 "chunk {key} has another layout than the prompt's first chunk"
             )));
         }
         let n = read.meta.tokens as usize;
         if read.meta.codec != CODEC_RAW || read.bytes.len() != l.chunk_bytes(n) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(PromptError::Invalid(format!(
                 "chunk {key} is not a raw chunk of its layout (codec {}, {} bytes for {n} tokens)",
                 read.meta.codec,
                 read.bytes.len()
@@ -115,5 +87,27 @@ pub fn read_prompt(
         tokens: chunks.iter().map(|c| c.meta.tokens as usize).sum(),
         lossy: chunks.iter().any(|c| !c.meta.fidelity.is_exact()),
         chunks,
+    })
+}
+
+/// The chunk keys of the prompt ending at `tip`, first chunk first, by parent links; `None`
+/// when a link is missing or the depths do not count down to 0.
+pub fn chain(store: &TieredStore, tenant: u64, tip: ChunkKey) -> Option<Vec<ChunkKey>> {
+    let mut keys = vec![tip];
+    let mut info = store.info(tenant, tip)?;
+    while let Some(parent) = info.meta.parent {
+        if keys.len() >= MAX_PROMPT_CHUNKS {
+            return None;
+        }
+        let p = store.info(tenant, parent)?;
+        if p.meta.depth + 1 != info.meta.depth {
+            return None;
+        }
+        keys.push(parent);
+        info = p;
+    }
+    (info.meta.depth == 0).then(|| {
+        keys.reverse();
+        keys
     })
 }

@@ -1,7 +1,8 @@
 //! Unit tests of the retrieval service state: memory budget, parent chains, settled builds.
 
 use super::*;
-use kvtier_cache::{ChunkMeta, Dtype, HostConfig, HostTier, StoreConfig};
+use crate::read::chain;
+use kvtier_cache::{ChunkMeta, Dtype, HostConfig, HostTier, StoreConfig, TieredStore};
 
 const TOKENS: u32 = 64;
 
@@ -107,14 +108,14 @@ fn uploaded_queries_stay_inside_the_budget_and_switch_the_build_to_aware() {
     let too_big: Vec<f32> = (0..512).map(|i| i as f32).collect();
     assert!(matches!(
         r.set_queries(&s, 1, prompts[0][1], 1, too_big),
-        Err(ApiError::Full(_))
+        Err(PromptError::QueriesOverBudget { .. })
     ));
     assert_eq!(r.set_queries(&s, 1, prompts[0][1], 1, q(1)).unwrap(), 16);
     // A refused upload leaves the prompt's earlier queries in place.
     let too_big: Vec<f32> = (0..512).map(|i| i as f32).collect();
     assert!(matches!(
         r.set_queries(&s, 1, prompts[0][1], 1, too_big),
-        Err(ApiError::Full(_))
+        Err(PromptError::QueriesOverBudget { .. })
     ));
     assert_eq!(r.queries.lock()[0].0, (1, prompts[0][1]));
     // A second prompt's queries push the first out: only 1.5 KiB may be held.
@@ -122,11 +123,11 @@ fn uploaded_queries_stay_inside_the_budget_and_switch_the_build_to_aware() {
     assert_eq!(r.queries.lock().len(), 1);
     assert!(matches!(
         r.set_queries(&s, 2, prompts[1][1], 1, q(3)),
-        Err(ApiError::NotFound(_))
+        Err(PromptError::NotStored(_))
     ));
     assert!(matches!(
         r.set_queries(&s, 1, prompts[1][1], 1, q(4)[..100].to_vec()),
-        Err(ApiError::BadRequest(_))
+        Err(PromptError::Invalid(_))
     ));
 
     // With the queries, the prompt is built as the attention-aware index.

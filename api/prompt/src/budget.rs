@@ -11,17 +11,18 @@
 //! codec [`CODEC_PRUNED`], fidelity lossy. Exact readers are refused such chunks from then on;
 //! lossy readers receive the pruned form and parse it with [`kvtier_index::decode_pruned`].
 //!
-//! Only tenants listed in `lossy_tenants` may have their prompts pruned.
+//! Only tenants that accept lossy data may have their prompts pruned: [`apply_budget`] refuses
+//! every other tenant with [`PromptError::LossyNotAllowed`], whoever calls it.
 
-use kvtier_cache::tier::CODEC_RAW;
 use kvtier_cache::{ChunkKey, Fidelity, TieredStore};
 use kvtier_index::{
     CODEC_PRUNED, SelectionPolicy, cap_budgets, encode_pruned, kmeans_layers, prune_kv,
     select_tokens, squeezed_budgets, uniform_budgets,
 };
 
-use crate::error::ApiError;
-use crate::prompt::{Layouts, StoredChunk, read_prompt};
+use crate::error::{PromptError, Result};
+use crate::layouts::Layouts;
+use crate::read::{StoredChunk, read_prompt};
 
 /// How each layer picks the tokens it keeps.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,18 +73,23 @@ pub fn pruned_fidelity() -> Fidelity {
     }
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError::BadRequest(msg.into())
+fn bad(msg: impl Into<String>) -> PromptError {
+    PromptError::Invalid(msg.into())
 }
 
 /// Prunes the prompt `req.keys` of `tenant` to the requested budget, rewriting every chunk.
-/// CPU work and store writes: call from a blocking thread.
+/// `lossy_tenants` are the tenants that accept lossy data; any other tenant is refused before
+/// anything is read. CPU work and store writes: call from a blocking thread.
 pub fn apply_budget(
     store: &TieredStore,
     layouts: &Layouts,
+    lossy_tenants: &[u64],
     tenant: u64,
     req: &BudgetRequest,
-) -> Result<BudgetOutcome, ApiError> {
+) -> Result<BudgetOutcome> {
+    if !lossy_tenants.contains(&tenant) {
+        return Err(PromptError::LossyNotAllowed { tenant });
+    }
     if !(req.fraction > 0.0 && req.fraction <= 1.0) {
         return Err(bad(format!("fraction {} is not in (0, 1]", req.fraction)));
     }
@@ -138,7 +144,7 @@ pub fn apply_budget(
             };
             select_tokens(policy, tokens, budgets[l], scores).map_err(|e| bad(e.to_string()))
         })
-        .collect::<Result<_, ApiError>>()?;
+        .collect::<Result<_>>()?;
     // Split every layer's selection by chunk and rewrite the chunks.
     let mut out = BudgetOutcome {
         tokens,
@@ -160,8 +166,8 @@ pub fn apply_budget(
                     .collect()
             })
             .collect();
-        let pruned = prune_kv(layout, meta.tokens as usize, bytes, &local)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let pruned =
+            prune_kv(layout, meta.tokens as usize, bytes, &local).map_err(PromptError::Index)?;
         let payload = encode_pruned(meta.tokens, &pruned);
         let mut m = *meta;
         m.codec = CODEC_PRUNED;
@@ -174,119 +180,65 @@ pub fn apply_budget(
     Ok(out)
 }
 
-/// Squeezing under memory pressure: when the host tier fills past a watermark, prompts of
-/// tenants that accept lossy data are pruned to a layer budget (their least important layers
-/// keep `p` of the uniform share) before whole chunks have to be evicted.
-#[derive(Debug, Clone)]
-pub struct SqueezeConfig {
-    /// Host usage (fraction of its budget) above which prompts are squeezed; 0 disables.
-    pub watermark: f64,
-    /// Tokens kept per layer on average, as a fraction of the prompt.
-    pub fraction: f64,
-    /// Share of the uniform budget the least important layers keep.
-    pub p: f64,
-    /// Attention sinks every layer keeps.
-    pub sinks: usize,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvtier_cache::tier::CODEC_RAW;
+    use kvtier_cache::{ChunkMeta, Dtype, HostConfig, HostTier, ModelLayout, StoreConfig};
+    use std::sync::Arc;
 
-/// Layer importance per layout fingerprint, learned from budget requests (engines send
-/// `layer_cos` there); squeezing uses it and squeezes nothing of a layout it has not seen.
-#[derive(Debug, Default)]
-pub struct Importance(parking_lot::Mutex<std::collections::HashMap<u64, Vec<f32>>>);
+    const TOKENS: u32 = 16;
 
-impl Importance {
-    pub fn remember(&self, fingerprint: u64, layer_cos: &[f32]) {
-        self.0.lock().insert(fingerprint, layer_cos.to_vec());
+    fn layout() -> ModelLayout {
+        ModelLayout::mha("budget-unit", 2, 1, 4, Dtype::F16)
     }
 
-    pub fn get(&self, fingerprint: u64) -> Option<Vec<f32>> {
-        self.0.lock().get(&fingerprint).cloned()
+    /// A store holding one two-chunk prompt of `tenant`.
+    fn store(tenant: u64) -> (TieredStore, Vec<ChunkKey>) {
+        let host = Arc::new(HostTier::new(HostConfig::with_budget(16 << 20)));
+        let s = TieredStore::new(StoreConfig::default(), host, Vec::new());
+        let l = layout();
+        let keys = vec![ChunkKey(1), ChunkKey(2)];
+        for (i, k) in keys.iter().enumerate() {
+            let data: Vec<u8> = (0..l.chunk_bytes(TOKENS as usize))
+                .map(|j| (j * 7 + i) as u8)
+                .collect();
+            let mut m =
+                ChunkMeta::raw(tenant, l.fingerprint(), TOKENS, i as u32, data.len() as u64);
+            m.parent = i.checked_sub(1).map(|j| keys[j]);
+            s.put(*k, m, &data).unwrap();
+        }
+        (s, keys)
     }
-}
 
-/// One squeeze pass: while host usage is above the watermark, prunes the least recently used
-/// raw prompt (in host memory, of a lossy tenant, of a layout whose importance is known).
-/// Returns the number of prompts squeezed.
-pub fn squeeze_pass(
-    store: &TieredStore,
-    layouts: &Layouts,
-    importance: &Importance,
-    lossy_tenants: &[u64],
-    cfg: &SqueezeConfig,
-) -> usize {
-    let over = || {
-        let u = store.stats().tiers[0].usage;
-        u.budget > 0 && u.bytes as f64 > cfg.watermark * u.budget as f64
-    };
-    let mut squeezed = 0;
-    let mut tried = std::collections::HashSet::new();
-    while cfg.watermark > 0.0 && over() {
-        let Some((tenant, tip, cos)) = lru_tip(store, importance, lossy_tenants, &tried) else {
-            break;
-        };
-        tried.insert(tip);
-        let Some(keys) = crate::retrieval::chain(store, tenant, tip) else {
-            continue;
-        };
-        let req = BudgetRequest {
+    fn request(keys: Vec<ChunkKey>) -> BudgetRequest {
+        BudgetRequest {
             keys,
-            fraction: cfg.fraction,
-            layer_cos: Some(cos),
-            p: cfg.p,
-            selection: Selection::Streaming { sinks: cfg.sinks },
-        };
-        match apply_budget(store, layouts, tenant, &req) {
-            Ok(_) => squeezed += 1,
-            Err(e) => tracing::debug!("squeeze skipped a prompt: {e}"),
+            fraction: 0.5,
+            layer_cos: None,
+            p: 1.0,
+            selection: Selection::Streaming { sinks: 2 },
         }
     }
-    squeezed
-}
 
-/// The last chunk of the least recently used raw prompt in host memory among `tenants` whose
-/// layout has a known importance: `(tenant, tip, layer_cos)`.
-fn lru_tip(
-    store: &TieredStore,
-    importance: &Importance,
-    tenants: &[u64],
-    skip: &std::collections::HashSet<ChunkKey>,
-) -> Option<(u64, ChunkKey, Vec<f32>)> {
-    let mut best: Option<(u64, u64, ChunkKey, Vec<f32>)> = None; // (last access, tenant, tip)
-    for &tenant in tenants {
-        let chunks = store.list(tenant, Some(kvtier_cache::TierKind::Host), None, usize::MAX);
-        let parents: std::collections::HashSet<ChunkKey> =
-            chunks.iter().filter_map(|c| c.meta.parent).collect();
-        for tip in chunks.iter().filter(|c| {
-            !parents.contains(&c.key) && c.meta.codec == CODEC_RAW && !skip.contains(&c.key)
-        }) {
-            let Some(cos) = importance.get(tip.meta.layout) else {
-                continue;
-            };
-            if best.as_ref().is_none_or(|b| tip.last_access < b.0) {
-                best = Some((tip.last_access, tenant, tip.key, cos));
-            }
+    #[test]
+    fn a_tenant_that_does_not_accept_lossy_data_is_refused_and_nothing_is_rewritten() {
+        let (s, keys) = store(7);
+        let layouts = Layouts::new([layout()]);
+        let err = apply_budget(&s, &layouts, &[8], 7, &request(keys.clone())).unwrap_err();
+        assert!(
+            matches!(err, PromptError::LossyNotAllowed { tenant: 7 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("lossy_tenants"), "{err}");
+        for k in &keys {
+            assert_eq!(s.info(7, *k).unwrap().meta.codec, CODEC_RAW);
+        }
+        // The same request for a lossy tenant prunes every chunk.
+        let out = apply_budget(&s, &layouts, &[8, 7], 7, &request(keys.clone())).unwrap();
+        assert_eq!((out.tokens, out.chunks), (2 * TOKENS as usize, 2));
+        for k in &keys {
+            assert_eq!(s.info(7, *k).unwrap().meta.codec, CODEC_PRUNED);
         }
     }
-    let (_, tenant, tip, cos) = best?;
-    Some((tenant, tip, cos))
-}
-
-/// Starts the squeezer: [`squeeze_pass`] every 200 ms until the store is gone.
-pub fn spawn_squeezer(
-    store: std::sync::Weak<TieredStore>,
-    layouts: std::sync::Arc<Layouts>,
-    importance: std::sync::Arc<Importance>,
-    lossy_tenants: Vec<u64>,
-    cfg: SqueezeConfig,
-) -> std::io::Result<()> {
-    if cfg.watermark <= 0.0 || lossy_tenants.is_empty() {
-        return Ok(());
-    }
-    let every = std::time::Duration::from_millis(200);
-    crate::service::spawn_periodic("kvtier-squeezer", every, store, move |store| {
-        let n = squeeze_pass(store, &layouts, &importance, &lossy_tenants, &cfg);
-        if n > 0 {
-            tracing::info!("host tier over its squeeze watermark: squeezed {n} prompts");
-        }
-    })
 }
