@@ -14,7 +14,7 @@
 //! Only tenants listed in `lossy_tenants` may have their prompts pruned.
 
 use kvtier_cache::tier::CODEC_RAW;
-use kvtier_cache::{ChunkKey, Fidelity, TieredStore};
+use kvtier_cache::{ChunkKey, Fidelity, TierKind, TieredStore};
 use kvtier_index::{
     CODEC_PRUNED, SelectionPolicy, cap_budgets, encode_pruned, kmeans_layers, prune_kv,
     select_tokens, squeezed_budgets, uniform_budgets,
@@ -215,7 +215,10 @@ pub fn squeeze_pass(
     cfg: &SqueezeConfig,
 ) -> usize {
     let over = || {
-        let u = store.stats().tiers[0].usage;
+        let u = store
+            .tier_stats(TierKind::Host)
+            .map(|t| t.usage)
+            .unwrap_or_default();
         u.budget > 0 && u.bytes as f64 > cfg.watermark * u.budget as f64
     };
     let mut squeezed = 0;

@@ -6,13 +6,15 @@
 //! - [`host`]: the host-memory tier (arenas carved into slots, zero-copy views);
 //! - [`store`]: the [`TieredStore`]: prefix lookup, promotion, demotion, eviction, admission,
 //!   leases, stats and events;
-//! - [`transcode`]: the hook through which the store encodes chunks for slower tiers;
+//! - [`transcode`]: the codec hook ([`Transcoder`]) and [`encoding`]: [`EncodingTier`], the
+//!   decorator tier that applies it to a slower tier;
 //! - [`conformance`]: the test suite every tier backend must pass.
 //!
 //! This crate does no async I/O and knows nothing of the network, CUDA or codecs
 //! (codecs plug in through [`Transcoder`]).
 
 pub mod conformance;
+pub mod encoding;
 pub mod error;
 pub mod host;
 pub mod key;
@@ -21,6 +23,7 @@ pub mod memory;
 pub mod tier;
 pub mod transcode;
 
+pub use encoding::EncodingTier;
 pub use error::{CacheError, Result};
 pub use host::{HostConfig, HostTier, SlotMut};
 pub use key::{ChunkKey, KeyChain, Namespace};

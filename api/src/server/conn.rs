@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
 
 use kvtier_cache::key::tenant_id;
-use kvtier_cache::{CacheError, ChunkKey, GetOutcome, Namespace, TierKind};
+use kvtier_cache::{CacheError, ChunkKey, GetOutcome, Namespace};
 
 use super::handlers::{self, Ctx, Reply};
 use crate::error::ApiError;
@@ -320,15 +320,6 @@ pub(crate) fn read_chunk(
     Ok(match svc.store.get(tenant, key, accept_lossy)? {
         GetOutcome::Hit(r) => Some(r),
         GetOutcome::Miss | GetOutcome::FidelityRejected(_) => None,
-    })
-}
-
-/// Whether reading `keys` may touch a slower tier (and so should run on a blocking thread).
-pub(crate) fn needs_io(svc: &Service, tenant: u64, keys: &[ChunkKey]) -> bool {
-    keys.iter().any(|k| {
-        svc.store
-            .info(tenant, *k)
-            .is_some_and(|i| !i.tiers.contains(TierKind::Host))
     })
 }
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use kvtier_cache::{CacheError, ChunkKey, WriteMode};
+use kvtier_cache::{CacheError, ChunkKey};
 
-use super::conn::{Fatal, Outgoing, namespace, needs_io, read_chunk};
+use super::conn::{Fatal, Outgoing, namespace, read_chunk};
 use crate::error::ApiError;
 use crate::service::Service;
 use crate::transport::Reader;
@@ -122,7 +122,7 @@ pub(crate) async fn put(
         }
     };
     wire::read_payload_into(reader, &mut slot, stall).await?;
-    let through = store.config().write_mode == WriteMode::WriteThrough && store.lower_tiers() > 0;
+    let through = store.put_may_block();
     let publish = move || {
         store.put_slot(key, meta, slot)?;
         ok_frame()
@@ -140,7 +140,7 @@ pub(crate) fn get(ctx: &Arc<Ctx>, buf: &AlignedVec) -> Reply {
         Ok(a) => (keys_of(&a.keys), a.accept_lossy),
         Err(e) => return Reply::Now(Err(e)),
     };
-    let io = needs_io(&ctx.svc, ctx.tenant_id, &keys);
+    let io = ctx.svc.store.read_may_block(ctx.tenant_id, &keys);
     let c = ctx.clone();
     let work = move || {
         let mut entries = Vec::with_capacity(keys.len());
@@ -332,7 +332,7 @@ pub(crate) fn get_located(ctx: &Arc<Ctx>, buf: &AlignedVec) -> Reply {
         ),
         Err(e) => return Reply::Now(Err(e)),
     };
-    let io = needs_io(&ctx.svc, ctx.tenant_id, &keys);
+    let io = ctx.svc.store.read_may_block(ctx.tenant_id, &keys);
     let c = ctx.clone();
     let work = move || {
         let store = &c.svc.store;
