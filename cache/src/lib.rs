@@ -1,6 +1,8 @@
 //! `kvtier-cache`: the core domain of kvtier.
 //!
 //! - [`layout`]: what one token's cache looks like ([`ModelLayout`]) and its fingerprint;
+//! - [`chunk`]: where each layer's K and V rows sit in a chunk payload ([`PayloadLayout`],
+//!   [`ChunkView`]) and their values as f32; [`codec_id`]: the one table of codec ids and names;
 //! - [`key`]: chained 128-bit [`ChunkKey`]s over token ids under a [`Namespace`];
 //! - [`tier`]: the [`Tier`] trait every storage level implements, chunk metadata, fidelity;
 //! - [`host`]: the host-memory tier (arenas carved into slots, zero-copy views);
@@ -13,6 +15,8 @@
 //! This crate does no async I/O and knows nothing of the network, CUDA or codecs
 //! (codecs plug in through [`Transcoder`]).
 
+pub mod chunk;
+pub mod codec_id;
 pub mod conformance;
 pub mod encoding;
 pub mod error;
@@ -23,6 +27,7 @@ pub mod memory;
 pub mod tier;
 pub mod transcode;
 
+pub use chunk::{ChunkView, PayloadLayout};
 pub use encoding::EncodingTier;
 pub use error::{CacheError, Result};
 pub use host::{HostConfig, HostTier, SlotMut};

@@ -129,8 +129,8 @@ impl std::fmt::Display for Fidelity {
     }
 }
 
-/// Codec tag of a payload stored as the engine produced it.
-pub const CODEC_RAW: u16 = 0;
+/// Codec tag of a payload stored as the engine produced it ([`crate::codec_id::RAW`]).
+pub const CODEC_RAW: u16 = crate::codec_id::RAW;
 
 /// Everything the store knows about a chunk besides its bytes. Small and `Copy` so it can sit in
 /// the index and travel with every record.
