@@ -48,6 +48,7 @@ impl From<CacheError> for ApiError {
             CacheError::TierFull { .. } => ApiError::Full(msg),
             CacheError::PayloadTooLarge { .. } => ApiError::TooLarge(msg),
             CacheError::LengthMismatch { .. }
+            | CacheError::NotWholeTokens { .. }
             | CacheError::InvalidLayout(_)
             | CacheError::ReservedCodec(_) => ApiError::BadRequest(msg),
             CacheError::Codec(_) => ApiError::Internal(msg),

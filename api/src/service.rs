@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use kvtier_cache::host::ArenaAllocator;
-use kvtier_cache::{HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore};
+use kvtier_cache::{
+    EncodingTier, HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore, Transcoder,
+};
 use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
 
 use kvtier_compress::StoreCodec;
@@ -97,12 +99,13 @@ impl Service {
                 .map(|(_, l)| l)
                 .chain(config.layouts.iter().cloned()),
         ));
-        let store = Arc::new(TieredStore::with_transcoder(
-            store_cfg,
-            Arc::new(host),
-            lower,
-            Some(Arc::new(store_codec(&config, &layouts))),
-        ));
+        // Slower tiers store chunks encoded by the codec policy.
+        let codec: Arc<dyn Transcoder> = Arc::new(store_codec(&config, &layouts));
+        let lower = lower
+            .into_iter()
+            .map(|t| Arc::new(EncodingTier::new(t, codec.clone())) as Arc<dyn Tier>)
+            .collect();
+        let store = Arc::new(TieredStore::new(store_cfg, Arc::new(host), lower));
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let tx = events.clone();
         store.subscribe(move |e| {

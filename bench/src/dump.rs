@@ -10,6 +10,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use half::f16;
+use kvtier_cache::Dtype;
+use kvtier_cache::chunk::to_f32;
 use kvtier_index::MatrixView;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
@@ -209,21 +211,13 @@ fn read_f32(st: &safetensors::SafeTensors<'_>, name: &str, shape: &[usize]) -> R
         t.shape()
     );
     let data = t.data();
-    Ok(match t.dtype() {
-        StDtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        StDtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        StDtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+    let dtype = match t.dtype() {
+        StDtype::F16 => Dtype::F16,
+        StDtype::BF16 => Dtype::Bf16,
+        StDtype::F32 => Dtype::F32,
         other => bail!("tensor {name:?} has dtype {other:?}; expected f16, bf16 or f32"),
-    })
+    };
+    Ok(to_f32(dtype, data))
 }
 
 fn read_i32(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<Vec<i32>> {

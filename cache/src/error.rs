@@ -18,6 +18,9 @@ pub enum CacheError {
     /// The payload length does not match what the layout says a chunk of that many tokens holds.
     #[error("payload of {got} bytes does not match the {expected} bytes the layout expects")]
     LengthMismatch { expected: u64, got: u64 },
+    /// A payload length that is not a whole, non-zero number of tokens of its layout.
+    #[error("{len} bytes is not a whole number of {per_token}-byte tokens")]
+    NotWholeTokens { len: usize, per_token: usize },
     /// A layout parameter is out of range.
     #[error("invalid layout: {0}")]
     InvalidLayout(String),

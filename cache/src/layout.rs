@@ -4,6 +4,8 @@
 //! contiguous byte range:
 //! - `Mha`: `[layer][K|V][token][kv_head][head_dim]`
 //! - `Mla`: `[layer][token][latent_dim + rope_dim]`
+//!
+//! Rows inside a layer are found with [`crate::chunk::PayloadLayout`].
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
@@ -44,6 +46,20 @@ impl Dtype {
             Dtype::Fp8E4m3 => 4,
         }
     }
+
+    /// The dtype of a [`Dtype::tag`]; `None` for tags this build does not know.
+    pub const fn from_tag(tag: u8) -> Option<Dtype> {
+        match tag {
+            1 => Some(Dtype::F16),
+            2 => Some(Dtype::Bf16),
+            3 => Some(Dtype::F32),
+            4 => Some(Dtype::Fp8E4m3),
+            _ => None,
+        }
+    }
+
+    /// Every dtype, in tag order.
+    pub const ALL: [Dtype; 4] = [Dtype::F16, Dtype::Bf16, Dtype::F32, Dtype::Fp8E4m3];
 
     /// Parses the names used in configuration and on the command line.
     pub fn parse(name: &str) -> Option<Dtype> {
@@ -284,6 +300,16 @@ mod tests {
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
         assert_eq!(a.fingerprint(), ModelLayout::llama31_8b().fingerprint());
+    }
+
+    #[test]
+    fn dtype_tags_round_trip_and_unknown_tags_are_refused() {
+        for d in Dtype::ALL {
+            assert_eq!(Dtype::from_tag(d.tag()), Some(d));
+        }
+        for t in [0u8, 5, 0xff] {
+            assert_eq!(Dtype::from_tag(t), None, "tag {t}");
+        }
     }
 
     #[test]

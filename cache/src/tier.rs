@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{CacheError, Result};
 use crate::key::ChunkKey;
 
 /// The storage levels, fastest first.
@@ -129,8 +129,8 @@ impl std::fmt::Display for Fidelity {
     }
 }
 
-/// Codec tag of a payload stored as the engine produced it.
-pub const CODEC_RAW: u16 = 0;
+/// Codec tag of a payload stored as the engine produced it ([`crate::codec_id::RAW`]).
+pub const CODEC_RAW: u16 = crate::codec_id::RAW;
 
 /// Everything the store knows about a chunk besides its bytes. Small and `Copy` so it can sit in
 /// the index and travel with every record.
@@ -218,5 +218,45 @@ pub trait Tier: Send + Sync {
     /// Re-reads `key` and checks its stored checksum. `Ok(None)` when absent.
     fn verify(&self, key: ChunkKey) -> Result<Option<bool>> {
         Ok(self.get(key)?.map(|_| true))
+    }
+
+    /// Whether records tagged `codec` are an encoding this tier applies itself and decodes in
+    /// [`Tier::get`] (see [`crate::EncodingTier`]). The store refuses client puts tagged with
+    /// such a codec, and knows after a restart that such a record was put raw.
+    fn owns_codec(&self, _codec: u16) -> bool {
+        false
+    }
+
+    /// [`Tier::put`], calling `make_room` and retrying whenever the tier is full, until
+    /// `make_room` returns false (then the `TierFull` error is returned). Returns the metadata
+    /// the record was stored with: `meta`, unless the tier encodes (then codec and fidelity are
+    /// the encoding's). A tier that transforms payloads overrides this to do so once, not once
+    /// per retry.
+    fn put_making_room(
+        &self,
+        key: ChunkKey,
+        meta: &ChunkMeta,
+        payload: &[u8],
+        make_room: &mut dyn FnMut() -> Result<bool>,
+    ) -> Result<ChunkMeta> {
+        put_retrying(self, key, meta, payload, make_room)?;
+        Ok(*meta)
+    }
+}
+
+/// Puts into `tier`, calling `make_room` after every `TierFull` until it returns false.
+pub(crate) fn put_retrying<T: Tier + ?Sized>(
+    tier: &T,
+    key: ChunkKey,
+    meta: &ChunkMeta,
+    payload: &[u8],
+    make_room: &mut dyn FnMut() -> Result<bool>,
+) -> Result<()> {
+    loop {
+        match tier.put(key, meta, payload) {
+            Ok(()) => return Ok(()),
+            Err(CacheError::TierFull { .. }) if make_room()? => continue,
+            Err(e) => return Err(e),
+        }
     }
 }

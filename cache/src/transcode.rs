@@ -1,11 +1,11 @@
-//! The hook through which the store encodes chunks for slower tiers and decodes them on the way
-//! back.
+//! The codec hook of the store's slower tiers: a [`Transcoder`] encodes chunks on their way into
+//! a tier and decodes them on the way back. [`crate::EncodingTier`] applies it to a tier.
 //!
-//! The store only knows this trait; `kvtier-compress` implements it (with a layout registry and
-//! a per-tier, per-namespace codec policy). Contract:
+//! `kvtier-compress` implements it (with a layout registry and a per-tier, per-namespace codec
+//! policy). Contract:
 //!
-//! - the store only ever asks to encode chunks that arrived raw ([`CODEC_RAW`]); payloads a
-//!   client encoded itself are stored as they came;
+//! - only chunks that arrived raw ([`CODEC_RAW`]) are ever encoded; payloads a client encoded
+//!   itself are stored as they came;
 //! - every record whose codec [`Transcoder::owns`] is decoded before it is served or promoted,
 //!   so callers always receive the layout's raw bytes, with the record's fidelity;
 //! - a decode failure is treated like a checksum failure: the copy is dropped, never served.

@@ -1,25 +1,26 @@
-//! The codec trait, the stable codec ids, and decoding a container by its own codec id.
+//! The codec trait, the ids of this crate's codecs, and decoding a container by its own codec id.
 
-use kvtier_cache::Fidelity;
 use kvtier_cache::tier::CODEC_RAW;
+use kvtier_cache::{Fidelity, codec_id};
 
 use crate::container;
 use crate::error::{CompressError, Result};
 
+// The ids come from the one table in `kvtier_cache::codec_id`.
 /// Plain lz4 block over the raw bytes (lossless baseline).
-pub const CODEC_LZ4: u16 = 1;
+pub const CODEC_LZ4: u16 = codec_id::LZ4;
 /// Byte planes (+ token XOR of the top plane) + lz4 (lossless).
-pub const CODEC_PLANES_LZ4: u16 = 2;
+pub const CODEC_PLANES_LZ4: u16 = codec_id::PLANES_LZ4;
 /// KIVI int8: keys per channel, values per token.
-pub const CODEC_KIVI_INT8: u16 = 3;
+pub const CODEC_KIVI_INT8: u16 = codec_id::KIVI_INT8;
 /// KIVI int4: keys per channel, values per token.
-pub const CODEC_KIVI_INT4: u16 = 4;
+pub const CODEC_KIVI_INT4: u16 = codec_id::KIVI_INT4;
 /// FP8 E4M3 with per-token-row scales.
-pub const CODEC_FP8_E4M3: u16 = 5;
+pub const CODEC_FP8_E4M3: u16 = codec_id::FP8_E4M3;
 /// xKV cross-layer SVD chunk (needs its basis to decode).
-pub const CODEC_XKV: u16 = 6;
+pub const CODEC_XKV: u16 = codec_id::XKV;
 /// An xKV basis record (not a chunk).
-pub const CODEC_XKV_BASIS: u16 = 0x100;
+pub const CODEC_XKV_BASIS: u16 = codec_id::XKV_BASIS;
 
 /// Whether a chunk codec id is known to this build (the raw codec included).
 pub fn is_known(id: u16) -> bool {

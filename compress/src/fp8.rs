@@ -10,8 +10,7 @@
 //! (`2^-6 * scale`) are within `2^-10 * scale` absolutely. [`FP8_REL_BOUND`] states the relative
 //! part; the property test checks `|x' - x| <= FP8_REL_BOUND * |x| + 2^-9 * scale`.
 
-use std::sync::OnceLock;
-
+use kvtier_cache::chunk::e4m3_to_f32;
 use kvtier_cache::{Fidelity, ModelLayout};
 
 use crate::codec::{CODEC_FP8_E4M3, Codec};
@@ -43,24 +42,6 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
         (((e + 7) as u32) << 3) + (m - 8)
     };
     sign | code.min(0x7e) as u8
-}
-
-/// The value of an E4M3 byte.
-pub fn e4m3_to_f32(b: u8) -> f32 {
-    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut t = [0f32; 256];
-        for (i, v) in t.iter_mut().enumerate() {
-            let (e, m) = ((i >> 3) & 0xf, (i & 7) as f32);
-            let mag = match (e, i & 7) {
-                (15, 7) => f32::NAN,
-                (0, _) => m * 2f32.powi(-9),
-                _ => (1.0 + m / 8.0) * 2f32.powi(e as i32 - 7),
-            };
-            *v = if i & 0x80 != 0 { -mag } else { mag };
-        }
-        t
-    })[b as usize]
 }
 
 /// FP8-E4M3 with a per-token-row f32 scale.

@@ -3,10 +3,10 @@
 //! - [`lossless`]: byte planes + lz4 ([`PlanesLz4`]) and plain lz4 ([`PlainLz4`]); bit-exact.
 //! - [`quant`]: KIVI int8/int4 (keys per channel, values per token); [`fp8`]: E4M3 per token row.
 //! - [`xkv`]: cross-layer SVD with a basis shared by a span of chunks.
-//! - [`parallel`]: encode/decode many chunks at once on rayon's pool (call it from a blocking
-//!   thread, never from an async worker).
-//! - [`policy`]: which codec a tier uses, and the rule that exact callers never get lossy data;
-//! - [`store_codec`]: [`StoreCodec`], the store's codec hook applying that policy.
+//! - [`policy`]: which codec a tier uses (never a lossy one for an exact-only namespace);
+//! - [`store_codec`]: [`StoreCodec`], the codec hook of the store's encoding tiers applying that
+//!   policy. The rule that exact callers never get lossy data is the store's
+//!   (`kvtier_cache::TieredStore::get`), which every read passes through.
 //!
 //! Every encoded chunk is a [`container`]: magic, version, codec id, params, lengths and a
 //! CRC32C, so a chunk always says how to decode it and what fidelity it has ([`inspect`]).
@@ -17,7 +17,6 @@ pub mod container;
 pub mod error;
 pub mod fp8;
 pub mod lossless;
-pub mod parallel;
 pub mod policy;
 pub mod quant;
 pub mod shape;
@@ -31,8 +30,7 @@ pub use codec::{
 pub use error::{CompressError, Result};
 pub use fp8::Fp8E4m3;
 pub use lossless::{PlainLz4, PlanesLz4};
-pub use parallel::{decode_many, encode_many, xkv_decode_many, xkv_encode_many};
-pub use policy::{CodecChoice, NamespaceFidelity, choose_codec, serves};
+pub use policy::{CodecChoice, NamespaceFidelity};
 pub use quant::Kivi;
 pub use store_codec::StoreCodec;
 pub use xkv::{RankRule, XkvBasis, XkvFit, XkvParams, xkv_decode, xkv_encode};

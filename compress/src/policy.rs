@@ -3,11 +3,11 @@
 //! Defaults: host (and GPU) keep raw bytes, since decode time would cost more than the memory
 //! saved on the hot path; disk uses lossless byte planes (smaller files, bit-exact); remote uses
 //! lossless, or KIVI int8 where the namespace accepts lossy data (network bandwidth is the
-//! bottleneck there). The fidelity rule is enforced twice: [`CodecPolicy::choose`] never picks a
-//! lossy codec for an exact-only namespace, and [`serves`] never lets a lossy chunk reach a
-//! caller that asked for exact data.
+//! bottleneck there). [`CodecPolicy::choose`] never picks a lossy codec for an exact-only
+//! namespace; that no lossy copy ever reaches a caller that asked for exact data is enforced by
+//! the store's read path (`kvtier_cache::TieredStore::get`), whatever a tier holds.
 
-use kvtier_cache::{Fidelity, ModelLayout, TierKind};
+use kvtier_cache::{ModelLayout, TierKind};
 
 use crate::codec::Codec;
 use crate::fp8::Fp8E4m3;
@@ -119,23 +119,15 @@ impl CodecPolicy {
     }
 }
 
-/// [`CodecPolicy::default`]'s choice for `tier` under `ns`.
-pub fn choose_codec(tier: TierKind, ns: NamespaceFidelity) -> CodecChoice {
-    CodecPolicy::default().choose(tier, ns)
-}
-
-/// Whether a stored chunk of fidelity `stored` may be served to a caller accepting `requested`.
-pub fn serves(requested: NamespaceFidelity, stored: Fidelity) -> bool {
-    match requested {
-        NamespaceFidelity::ExactOnly => stored.is_exact(),
-        NamespaceFidelity::LossyAllowed => true,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use NamespaceFidelity::*;
+    use kvtier_cache::Fidelity;
+
+    fn choose_codec(tier: TierKind, ns: NamespaceFidelity) -> CodecChoice {
+        CodecPolicy::default().choose(tier, ns)
+    }
 
     #[test]
     fn default_table() {
@@ -170,14 +162,13 @@ mod tests {
                 let choice = policy.choose(tier, ExactOnly);
                 assert!(!choice.is_lossy(), "{tier}: {choice:?}");
                 if let Some(codec) = choice.build(&layout) {
-                    assert!(serves(ExactOnly, codec.fidelity()));
+                    assert!(codec.fidelity().is_exact(), "{tier}: {choice:?}");
                 }
             }
         }
         let lossy = Kivi::int8(layout.clone()).fidelity();
-        assert!(!serves(ExactOnly, lossy));
-        assert!(serves(LossyAllowed, lossy));
-        assert!(serves(ExactOnly, Fidelity::Lossless) && serves(ExactOnly, Fidelity::Exact));
+        assert!(!lossy.is_exact());
+        assert!(Fidelity::Lossless.is_exact() && Fidelity::Exact.is_exact());
     }
 
     #[test]

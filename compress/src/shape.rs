@@ -1,13 +1,16 @@
 //! Element access and the chunk shape the lossy codecs work on.
 //!
-//! A chunk payload (MHA layouts) is `[layer][K|V][token][kv_head][head_dim]`; the number of tokens
-//! is not stored in the layout, so it is derived from the payload length and written into every
-//! container's params together with the rest of the shape. That makes a container decodable on its
-//! own and lets decode refuse a payload that does not match.
+//! A chunk payload (MHA layouts) is `[layer][K|V][token][kv_head][head_dim]`, as
+//! [`kvtier_cache::PayloadLayout`] describes it; the number of tokens is not stored in the layout,
+//! so it is derived from the payload length and written into every container's params together
+//! with the rest of the shape. That makes a container decodable on its own and lets decode refuse
+//! a payload that does not match. Widening to f32 is the cache's [`to_f32`]; narrowing back and
+//! directed rounding are codec business and live here.
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use kvtier_cache::{AttentionKind, Dtype, ModelLayout};
+pub(crate) use kvtier_cache::chunk::to_f32;
+use kvtier_cache::{AttentionKind, Dtype, ModelLayout, PayloadLayout};
 
 use crate::container::{ParamWriter, Reader};
 use crate::error::{CompressError, Result};
@@ -22,23 +25,10 @@ pub fn check_float_dtype(dtype: Dtype) -> Result<()> {
     }
 }
 
-/// Elements converted per batch by the 16-bit paths: `half`'s slice conversions use the CPU's
-/// conversion instructions (F16C) on whole blocks, where converting element by element pays a
-/// feature check and a call per value (they were the largest cost of quantised and xKV codecs).
+/// Elements narrowed per batch: `half`'s slice conversions use the CPU's conversion
+/// instructions (F16C) on whole blocks, where converting element by element pays a feature check
+/// and a call per value.
 const BATCH: usize = 4096;
-
-/// Widens a raw payload of `dtype` elements to f32.
-pub fn to_f32(dtype: Dtype, raw: &[u8]) -> Vec<f32> {
-    match dtype {
-        Dtype::F16 => widen16::<f16>(raw),
-        Dtype::Bf16 => widen16::<bf16>(raw),
-        Dtype::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::Fp8E4m3 => raw.iter().map(|b| crate::fp8::e4m3_to_f32(*b)).collect(),
-    }
-}
 
 /// A 16-bit float type `half` converts in bulk.
 trait Half16: Copy + Default + bytemuck::Pod
@@ -48,23 +38,6 @@ where
 }
 impl Half16 for f16 {}
 impl Half16 for bf16 {}
-
-fn widen16<H: Half16>(raw: &[u8]) -> Vec<f32>
-where
-    [H]: HalfFloatSliceExt,
-{
-    let n = raw.len() / 2;
-    let mut out = vec![0f32; n];
-    let mut halves = vec![H::default(); BATCH.min(n)];
-    for (src, dst) in raw.chunks(2 * BATCH).zip(out.chunks_mut(BATCH)) {
-        let h = &mut halves[..dst.len()];
-        for (x, b) in h.iter_mut().zip(src.chunks_exact(2)) {
-            *x = bytemuck::cast(u16::from_le_bytes([b[0], b[1]]));
-        }
-        h.convert_to_f32_slice(dst);
-    }
-    out
-}
 
 fn narrow16<H: Half16>(values: &[f32], out: &mut Vec<u8>)
 where
@@ -152,46 +125,50 @@ impl ChunkShape {
                 "only mha layouts are supported".into(),
             ));
         }
-        layout
-            .validate()
+        let payload = PayloadLayout::for_len(layout, raw_len)
             .map_err(|e| CompressError::LayoutMismatch(e.to_string()))?;
-        let per_token = layout.bytes_per_token();
-        if raw_len == 0 || !raw_len.is_multiple_of(per_token) {
-            return Err(CompressError::LayoutMismatch(format!(
-                "{raw_len} bytes is not a whole number of {per_token}-byte tokens"
-            )));
-        }
         Ok(ChunkShape {
-            layers: layout.num_layers as usize,
-            kv_heads: layout.kv_heads as usize,
-            head_dim: layout.head_dim as usize,
-            tokens: raw_len / per_token,
-            dtype: layout.dtype,
+            layers: payload.layers(),
+            kv_heads: payload.heads(),
+            head_dim: payload.head_dim(),
+            tokens: payload.tokens(),
+            dtype: payload.dtype(),
         })
+    }
+
+    /// The payload geometry of this shape.
+    pub fn payload(&self) -> PayloadLayout {
+        PayloadLayout::mha(
+            self.layers,
+            self.kv_heads,
+            self.head_dim,
+            self.tokens,
+            self.dtype,
+        )
     }
 
     /// Elements in one token row of one layer's K (or V): `kv_heads * head_dim`.
     pub fn row(&self) -> usize {
-        self.kv_heads * self.head_dim
+        self.payload().row_elems()
     }
 
     /// Elements of one layer's K (or V) block: `tokens * row`.
     pub fn block(&self) -> usize {
-        self.tokens * self.row()
+        self.payload().plane_elems()
     }
 
     /// Elements of the whole payload.
     pub fn elems(&self) -> usize {
-        self.layers * 2 * self.block()
+        self.payload().elems()
     }
 
     pub fn raw_len(&self) -> usize {
-        self.elems() * self.dtype.size()
+        self.payload().len()
     }
 
     /// Element offset of layer `l`'s K (`kv = 0`) or V (`kv = 1`) block.
     pub fn block_offset(&self, layer: usize, kv: usize) -> usize {
-        (layer * 2 + kv) * self.block()
+        self.payload().plane_start(layer, kv)
     }
 
     pub fn write(&self, w: ParamWriter) -> ParamWriter {
@@ -209,17 +186,9 @@ impl ChunkShape {
             r.u32()? as usize,
             r.u32()? as usize,
         );
-        let dtype = match r.u8()? {
-            1 => Dtype::F16,
-            2 => Dtype::Bf16,
-            3 => Dtype::F32,
-            4 => Dtype::Fp8E4m3,
-            t => {
-                return Err(CompressError::InvalidParams(format!(
-                    "unknown dtype tag {t}"
-                )));
-            }
-        };
+        let tag = r.u8()?;
+        let dtype = Dtype::from_tag(tag)
+            .ok_or_else(|| CompressError::InvalidParams(format!("unknown dtype tag {tag}")))?;
         let s = ChunkShape {
             layers,
             kv_heads,

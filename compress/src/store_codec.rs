@@ -1,4 +1,5 @@
-//! [`StoreCodec`]: the store's codec hook ([`kvtier_cache::Transcoder`]) built from a layout
+//! [`StoreCodec`]: the codec hook ([`kvtier_cache::Transcoder`]) of the store's encoding tiers
+//! ([`kvtier_cache::EncodingTier`]), built from a layout
 //! registry, the per-tier [`CodecPolicy`] and the set of tenants whose namespaces accept lossy
 //! data.
 //!
@@ -118,7 +119,7 @@ mod tests {
 
     use kvtier_cache::host::{HostConfig, slot_size_for};
     use kvtier_cache::{
-        Fidelity, GetOutcome, HostTier, MemoryTier, StoreConfig, Tier, TieredStore,
+        EncodingTier, Fidelity, GetOutcome, HostTier, MemoryTier, StoreConfig, Tier, TieredStore,
     };
 
     use super::*;
@@ -143,8 +144,9 @@ mod tests {
             admit_after: 0,
             ..StoreConfig::default()
         };
-        let lower: Vec<Arc<dyn Tier>> = vec![disk.clone()];
-        let store = TieredStore::with_transcoder(cfg, host, lower, Some(Arc::new(hook)));
+        let lower: Vec<Arc<dyn Tier>> =
+            vec![Arc::new(EncodingTier::new(disk.clone(), Arc::new(hook)))];
+        let store = TieredStore::new(cfg, host, lower);
         (disk, store, layout, raw)
     }
 
@@ -200,8 +202,8 @@ mod tests {
             admit_after: 0,
             ..StoreConfig::default()
         };
-        let lower: Vec<Arc<dyn Tier>> = vec![disk];
-        let s = TieredStore::with_transcoder(cfg, host, lower, Some(Arc::new(hook)));
+        let lower: Vec<Arc<dyn Tier>> = vec![Arc::new(EncodingTier::new(disk, Arc::new(hook)))];
+        let s = TieredStore::new(cfg, host, lower);
         let key = kvtier_cache::ChunkKey(5);
         s.put(key, meta(9, &layout, &raw), &raw).unwrap();
         s.put(kvtier_cache::ChunkKey(6), meta(9, &layout, &raw), &raw)

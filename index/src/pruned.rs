@@ -12,8 +12,8 @@ use kvtier_cache::ModelLayout;
 use crate::error::{IndexError, Result};
 use crate::select::PrunedLayer;
 
-/// Codec id of a pruned chunk in [`kvtier_cache::ChunkMeta::codec`].
-pub const CODEC_PRUNED: u16 = 7;
+/// Codec id of a pruned chunk in [`kvtier_cache::ChunkMeta::codec`] (from the cache's table).
+pub const CODEC_PRUNED: u16 = kvtier_cache::codec_id::PRUNED;
 
 const MAGIC: &[u8; 4] = b"KVPR";
 const VERSION: u16 = 1;
@@ -95,7 +95,8 @@ pub fn decode_pruned(layout: &ModelLayout, bytes: &[u8]) -> Result<(u32, Vec<Pru
         )));
     }
     let tokens = c.u32()?;
-    let row = layout.elems_per_token_layer() * layout.dtype.size();
+    // One kept token's rows of one layer, every plane together.
+    let row = layout.layer_bytes(1);
     let mut out = Vec::with_capacity(layers);
     for l in 0..layers {
         let n = c.u32()? as usize;

@@ -5,7 +5,7 @@
 //! attention, scores supplied by the caller). Both always keep the sinks, and H2O always keeps
 //! its window, whatever the scores say: dropping the sinks collapses attention.
 
-use kvtier_cache::{AttentionKind, ModelLayout};
+use kvtier_cache::{ModelLayout, PayloadLayout};
 
 use crate::error::{IndexError, Result, invalid};
 use crate::exact::top_k_of_scores;
@@ -120,12 +120,8 @@ pub fn prune_kv(
         )));
     }
     // MHA layers hold a K plane then a V plane; MLA layers one plane of latent rows.
-    let planes = match layout.attention {
-        AttentionKind::Mha => 2,
-        AttentionKind::Mla { .. } => 1,
-    };
-    let row = layout.elems_per_token_layer() / planes * layout.dtype.size();
-    let layer_bytes = layout.layer_bytes(tokens);
+    let geometry = PayloadLayout::new(layout, tokens);
+    let planes = geometry.planes();
     keep.iter()
         .enumerate()
         .map(|(l, positions)| {
@@ -136,11 +132,11 @@ pub fn prune_kv(
                     "layer {l}: not strictly increasing below {tokens}"
                 )));
             }
-            let layer = &payload[l * layer_bytes..(l + 1) * layer_bytes];
+            let row = geometry.token_row(l, 0, 0).len();
             let mut data = Vec::with_capacity(planes * positions.len() * row);
-            for plane in layer.chunks_exact(tokens * row) {
+            for plane in 0..planes {
                 for &p in positions {
-                    data.extend_from_slice(&plane[p as usize * row..(p as usize + 1) * row]);
+                    data.extend_from_slice(&payload[geometry.token_row(l, plane, p as usize)]);
                 }
             }
             Ok(PrunedLayer {

@@ -55,7 +55,10 @@ pub fn squeeze_pass(
     cfg: &SqueezeConfig,
 ) -> usize {
     let over = || {
-        let u = store.stats().tiers[0].usage;
+        let u = store
+            .tier_stats(TierKind::Host)
+            .map(|t| t.usage)
+            .unwrap_or_default();
         u.budget > 0 && u.bytes as f64 > cfg.watermark * u.budget as f64
     };
     let mut squeezed = 0;

@@ -40,21 +40,6 @@ pub(super) fn chunk_json(i: &ChunkInfo) -> Value {
     })
 }
 
-/// Human name of a codec id (the store's own, or "private" for client-chosen ids).
-fn codec_name(codec: u16) -> &'static str {
-    match codec {
-        0 => "raw",
-        kvtier_compress::CODEC_LZ4 => "lz4",
-        kvtier_compress::CODEC_PLANES_LZ4 => "lossless",
-        kvtier_compress::CODEC_KIVI_INT8 => "int8",
-        kvtier_compress::CODEC_KIVI_INT4 => "int4",
-        kvtier_compress::CODEC_FP8_E4M3 => "fp8",
-        kvtier_compress::CODEC_XKV => "xkv",
-        kvtier_index::CODEC_PRUNED => "pruned",
-        _ => "private",
-    }
-}
-
 fn tier_names(t: kvtier_cache::TierSet) -> Vec<&'static str> {
     t.iter().map(TierKind::name).collect()
 }
@@ -142,7 +127,7 @@ pub(super) async fn show(
                 json!({
                     "tier": c.tier.name(),
                     "codec": c.codec,
-                    "codec_name": codec_name(c.codec),
+                    "codec_name": kvtier_cache::codec_id::name(c.codec),
                     "fidelity": c.fidelity,
                     "stored_bytes": c.stored_bytes,
                     "raw_bytes": c.raw_bytes,

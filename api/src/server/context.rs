@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use kvtier_cache::{CacheError, ChunkKey, ChunkRead, GetOutcome, Namespace, TierKind};
+use kvtier_cache::{CacheError, ChunkKey, ChunkRead, GetOutcome, Namespace};
 
 use crate::error::ApiError;
 use crate::service::Service;
@@ -49,15 +49,6 @@ pub(crate) fn read_chunk(
     Ok(match svc.store.get(tenant, key, accept_lossy)? {
         GetOutcome::Hit(r) => Some(r),
         GetOutcome::Miss | GetOutcome::FidelityRejected(_) => None,
-    })
-}
-
-/// Whether reading `keys` may touch a slower tier (and so should run on a blocking thread).
-pub(crate) fn needs_io(svc: &Service, tenant: u64, keys: &[ChunkKey]) -> bool {
-    keys.iter().any(|k| {
-        svc.store
-            .info(tenant, *k)
-            .is_some_and(|i| !i.tiers.contains(TierKind::Host))
     })
 }
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use kvtier_cache::{CacheError, ChunkKey, WriteMode};
+use kvtier_cache::{CacheError, ChunkKey};
 
-use super::context::{Ctx, Region, header, keys_of, namespace, needs_io, read_chunk};
+use super::context::{Ctx, Region, header, keys_of, namespace, read_chunk};
 use super::reply::{Fatal, Outgoing, Reply, frame, later, ok_frame};
 use crate::error::ApiError;
 use crate::transport::Reader;
@@ -69,7 +69,7 @@ pub(crate) async fn put(
         }
     };
     wire::read_payload_into(reader, &mut slot, stall).await?;
-    let through = store.config().write_mode == WriteMode::WriteThrough && store.lower_tiers() > 0;
+    let through = store.put_may_block();
     let publish = move || {
         store.put_slot(key, meta, slot)?;
         ok_frame()
@@ -87,7 +87,7 @@ pub(crate) fn get(ctx: &Arc<Ctx>, buf: &AlignedVec) -> Reply {
         Ok(a) => (keys_of(&a.keys), a.accept_lossy),
         Err(e) => return Reply::Now(Err(e)),
     };
-    let io = needs_io(&ctx.svc, ctx.tenant_id, &keys);
+    let io = ctx.svc.store.read_may_block(ctx.tenant_id, &keys);
     let c = ctx.clone();
     let work = move || {
         let mut entries = Vec::with_capacity(keys.len());
@@ -279,7 +279,7 @@ pub(crate) fn get_located(ctx: &Arc<Ctx>, buf: &AlignedVec) -> Reply {
         ),
         Err(e) => return Reply::Now(Err(e)),
     };
-    let io = needs_io(&ctx.svc, ctx.tenant_id, &keys);
+    let io = ctx.svc.store.read_may_block(ctx.tenant_id, &keys);
     let c = ctx.clone();
     let work = move || {
         let store = &c.svc.store;

@@ -3,14 +3,15 @@
 //! The cache holds, per layer, post-RoPE keys and values as `[token][kv_head][head_dim]` f32;
 //! token `i` sits at position `i` (the cache always starts at position 0). A chunk payload is the
 //! layout of DESIGN.md "Chunk": `[layer][K|V][token][kv_head][head_dim]`, little-endian, in the
-//! chosen dtype, so a prefix exported here, stored by kvtier and imported into a fresh cache
+//! chosen dtype (located with [`PayloadLayout`]), so a prefix exported here, stored by kvtier and imported into a fresh cache
 //! lets the model continue as if it had prefilled that prefix itself.
 
 use std::ops::Range;
 
 use anyhow::{Result, bail, ensure};
 use half::{bf16, f16};
-use kvtier_cache::Dtype;
+use kvtier_cache::chunk::{self, to_f32};
+use kvtier_cache::{Dtype, PayloadLayout};
 
 /// One layer's keys and values, `[token][kv_head][head_dim]`.
 #[derive(Debug, Clone, Default)]
@@ -117,9 +118,20 @@ impl KvCache {
         Ok(())
     }
 
+    /// Where everything sits in a chunk payload of `tokens` tokens in `dtype`.
+    fn payload(&self, tokens: usize, dtype: Dtype) -> PayloadLayout {
+        PayloadLayout::mha(
+            self.layers.len(),
+            self.kv_heads,
+            self.head_dim,
+            tokens,
+            dtype,
+        )
+    }
+
     /// Bytes of a chunk payload of `tokens` tokens in `dtype`.
     pub fn chunk_bytes(&self, tokens: usize, dtype: Dtype) -> usize {
-        self.layers.len() * 2 * tokens * self.row() * dtype.size()
+        self.payload(tokens, dtype).len()
     }
 
     /// Serialises tokens `range` as one payload `[layer][K|V][token][kv_head][head_dim]`.
@@ -164,11 +176,10 @@ impl KvCache {
             "chunk payload is {} bytes, expected {want} for {tokens} tokens",
             payload.len()
         );
-        let per = tokens * self.row() * dtype.size();
+        let geometry = self.payload(tokens, dtype);
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let base = i * 2 * per;
-            read_into(&mut l.k, &payload[base..base + per], dtype);
-            read_into(&mut l.v, &payload[base + per..base + 2 * per], dtype);
+            l.k.extend(to_f32(dtype, &payload[geometry.plane_range(i, chunk::K)]));
+            l.v.extend(to_f32(dtype, &payload[geometry.plane_range(i, chunk::V)]));
         }
         self.len += tokens;
         Ok(())
@@ -198,23 +209,6 @@ fn write(out: &mut Vec<u8>, x: f32, dtype: Dtype) {
         Dtype::F16 => out.extend(f16::from_f32(x).to_le_bytes()),
         Dtype::Bf16 => out.extend(bf16::from_f32(x).to_le_bytes()),
         _ => out.extend(x.to_le_bytes()),
-    }
-}
-
-fn read_into(dst: &mut Vec<f32>, src: &[u8], dtype: Dtype) {
-    match dtype {
-        Dtype::F16 => dst.extend(
-            src.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        Dtype::Bf16 => dst.extend(
-            src.chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        _ => dst.extend(
-            src.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        ),
     }
 }
 

@@ -3,9 +3,14 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::encoding::EncodingTier;
+use crate::error::{CacheError, Result};
+use crate::host::HostTier;
 use crate::host::{HostConfig, slot_size_for};
+use crate::key::ChunkKey;
 use crate::memory::MemoryTier;
-use crate::transcode::Encoded;
+use crate::tier::{CODEC_RAW, ChunkMeta, Fidelity, Tier, TierKind};
+use crate::transcode::{Encoded, Transcoder};
 
 const T: u64 = 3;
 const CHUNK: usize = 4096;
@@ -76,8 +81,8 @@ fn store(disk: &Arc<MemoryTier>, mode: WriteMode) -> TieredStore {
         admit_after: 0,
         ..StoreConfig::default()
     };
-    let lower: Vec<Arc<dyn Tier>> = vec![disk.clone()];
-    TieredStore::with_transcoder(cfg, host, lower, Some(Arc::new(Toy)))
+    let lower: Vec<Arc<dyn Tier>> = vec![Arc::new(EncodingTier::new(disk.clone(), Arc::new(Toy)))];
+    TieredStore::new(cfg, host, lower)
 }
 
 #[test]

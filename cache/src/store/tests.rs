@@ -8,9 +8,13 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
+use crate::error::CacheError;
+use crate::host::HostTier;
 use crate::host::{HostConfig, slot_size_for};
+use crate::key::{ChunkKey, Namespace};
 use crate::memory::MemoryTier;
 use crate::tier::Fidelity;
+use crate::tier::{ChunkMeta, Tier, TierKind};
 
 const T: u64 = 7;
 const CHUNK: usize = 10_000;
@@ -322,4 +326,37 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn the_store_says_which_reads_and_puts_may_block() {
+    let disk = Arc::new(MemoryTier::new(TierKind::Disk, 1 << 30));
+    let cfg = StoreConfig {
+        admit_after: 0,
+        ..StoreConfig::default()
+    };
+    let s = store(1, Some(disk.clone()), cfg);
+    assert!(!s.put_may_block(), "write-back puts stay in memory");
+    s.put(ChunkKey(1), meta(0), &data(1)).unwrap();
+    assert!(!s.read_may_block(T, &[ChunkKey(1)]));
+    s.put(ChunkKey(2), meta(0), &data(2)).unwrap(); // demotes 1 to disk
+    assert!(s.read_may_block(T, &[ChunkKey(2), ChunkKey(1)]));
+    assert!(
+        !s.read_may_block(T + 1, &[ChunkKey(1)]),
+        "another tenant's chunk"
+    );
+    assert!(!s.read_may_block(T, &[ChunkKey(9)]), "a miss reads nothing");
+    let host = s.tier_stats(TierKind::Host).unwrap();
+    assert_eq!((host.usage.chunks, host.evictions), (1, 1));
+    assert_eq!(s.tier_stats(TierKind::Disk).unwrap().demotions, 1);
+    assert!(s.tier_stats(TierKind::Remote).is_none());
+    let through = StoreConfig {
+        write_mode: WriteMode::WriteThrough,
+        ..StoreConfig::default()
+    };
+    assert!(store(1, Some(disk), through.clone()).put_may_block());
+    assert!(
+        !store(1, None, through).put_may_block(),
+        "nothing to write through to"
+    );
 }

@@ -194,16 +194,10 @@ impl XkvBasis {
         let mut h = Reader::new(c.params);
         let (layers, kv_heads, head_dim) =
             (h.u32()? as usize, h.u32()? as usize, h.u32()? as usize);
-        let dtype = match h.u8()? {
-            1 => Dtype::F16,
-            2 => Dtype::Bf16,
-            3 => Dtype::F32,
-            t => {
-                return Err(CompressError::InvalidParams(format!(
-                    "dtype tag {t} in basis"
-                )));
-            }
-        };
+        let tag = h.u8()?;
+        let dtype = Dtype::from_tag(tag)
+            .filter(|d| *d != Dtype::Fp8E4m3)
+            .ok_or_else(|| CompressError::InvalidParams(format!("dtype tag {tag} in basis")))?;
         let rope_base = h.f64()?;
         let group_layers = h.u32()? as usize;
         let compress_values = h.u8()? != 0;

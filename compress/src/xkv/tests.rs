@@ -6,7 +6,7 @@ use kvtier_cache::{Dtype, ModelLayout};
 
 use super::fit::right_singular;
 use super::*;
-use crate::shape::to_f32;
+use kvtier_cache::chunk::to_f32;
 use crate::testdata::{Rng, small_layout, synthetic_prompt};
 
 fn rel_err(layout: &ModelLayout, a: &[u8], b: &[u8]) -> f64 {

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use kvtier_cache::chunk::{PayloadLayout, to_f32};
 use kvtier_cache::{ChunkKey, ModelLayout, TieredStore};
 
 use super::{Retrieval, require_mha};
@@ -24,11 +25,9 @@ impl Prompt {
         self.layout.head_dim as usize * self.layout.dtype.size()
     }
 
-    /// Byte offset of the K row of (`layer`, chunk-local token `t`, `kv_head`) in a chunk of
-    /// `n` tokens; the V row is `n * kv_heads` rows later.
-    fn k_offset(&self, layer: usize, n: usize, t: usize, kv_head: usize) -> usize {
-        layer * self.layout.layer_bytes(n)
-            + (t * self.layout.kv_heads as usize + kv_head) * self.row_bytes()
+    /// Where each row of chunk `i` sits (the store checked every chunk's length on put).
+    fn chunk_layout(&self, n: usize) -> PayloadLayout {
+        PayloadLayout::new(&self.layout, n)
     }
 
     /// `[tokens × head_dim]` f32 keys of one (layer, KV head).
@@ -36,12 +35,12 @@ impl Prompt {
         let rb = self.row_bytes();
         let mut raw = Vec::with_capacity(self.tokens * rb);
         for (n, bytes) in &self.chunks {
+            let pl = self.chunk_layout(*n);
             for t in 0..*n {
-                let off = self.k_offset(layer, *n, t, kv_head);
-                raw.extend_from_slice(&bytes[off..off + rb]);
+                raw.extend_from_slice(&bytes[pl.k_row(layer, t, kv_head)]);
             }
         }
-        kvtier_compress::shape::to_f32(self.layout.dtype, &raw)
+        to_f32(self.layout.dtype, &raw)
     }
 
     /// Appends the K and V rows of prompt position `pos`.
@@ -56,11 +55,9 @@ impl Prompt {
         let mut p = pos;
         for (n, bytes) in &self.chunks {
             if p < *n {
-                let rb = self.row_bytes();
-                let off = self.k_offset(layer, *n, p, kv_head);
-                k.extend_from_slice(&bytes[off..off + rb]);
-                let voff = off + n * self.layout.kv_heads as usize * rb;
-                v.extend_from_slice(&bytes[voff..voff + rb]);
+                let pl = self.chunk_layout(*n);
+                k.extend_from_slice(&bytes[pl.k_row(layer, p, kv_head)]);
+                v.extend_from_slice(&bytes[pl.v_row(layer, p, kv_head)]);
                 return;
             }
             p -= n;
