@@ -3,13 +3,13 @@
 //! - [`config`]: defaults < TOML < environment < flags, validated into [`config::ServeConfig`];
 //! - [`service`]: the store built from configuration, shared by both planes;
 //! - [`auth`]: bearer tokens (constant-time) and tenant resolution;
-//! - [`wire`]: the binary data-plane frame format;
+//! - [`wire`]: the binary data-plane frame format (the `kvtier-wire` package, re-exported);
+//! - [`client`]: the Rust client (the `kvtier-client` package, re-exported);
 //! - [`error`]: the service error type and its HTTP mapping.
 
 pub mod auth;
 pub mod budget;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -18,5 +18,11 @@ pub mod prompt;
 pub mod retrieval;
 pub mod server;
 pub mod service;
-mod transport;
-pub mod wire;
+
+pub use kvtier_client as client;
+pub use kvtier_wire as wire;
+// The server reads and writes through the client's transport halves.
+use kvtier_client::transport;
+
+// The wire format bounds `Retrieve`'s k by the same figure the service enforces.
+const _: () = assert!(retrieval::MAX_K == wire::MAX_RETRIEVE_K);

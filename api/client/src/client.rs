@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 use kvtier_cache::{ChunkKey, ChunkMeta, TierSet};
 
 use crate::transport::{Reader, Writer};
-use crate::wire::{
-    self, AlignedVec, ChunkMetaWire, DeleteHeader, DeleteOkHeader, ErrorCode, ErrorHeader,
+use kvtier_wire::{
+    self as wire, AlignedVec, ChunkMetaWire, DeleteHeader, DeleteOkHeader, ErrorCode, ErrorHeader,
     GetHeader, GetLocatedHeader, GetLocatedOkHeader, GetOkHeader, HelloHeader, HelloOkHeader,
     LeaseHeader, LeaseOkHeader, Limits, LookupHeader, LookupOkHeader, MapArenasHeader,
     MapArenasOkHeader, Opcode, PutHeader, ReleaseHeader, RetrieveHeader, RetrieveOkHeader,
