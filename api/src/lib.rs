@@ -5,7 +5,8 @@
 //! - [`auth`]: bearer tokens (constant-time) and tenant resolution;
 //! - [`wire`]: the binary data-plane frame format (the `kvtier-wire` package, re-exported);
 //! - [`client`]: the Rust client (the `kvtier-client` package, re-exported);
-//! - [`error`]: the service error type and its HTTP mapping.
+//! - [`error`]: the service error type and its HTTP mapping;
+//! - [`testing`]: the in-process server every integration test and benchmark suite starts.
 
 pub mod auth;
 pub mod budget;
@@ -18,6 +19,7 @@ pub mod prompt;
 pub mod retrieval;
 pub mod server;
 pub mod service;
+pub mod testing;
 
 pub use kvtier_client as client;
 pub use kvtier_wire as wire;

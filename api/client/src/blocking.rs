@@ -1,8 +1,9 @@
 //! A blocking facade over the async [`Client`], for callers without an async runtime (a Python
 //! binding, a synchronous engine loop).
 //!
-//! [`BlockingClient`] owns a small runtime (one worker, which runs the connection's reader task)
-//! and blocks the calling thread on each request. It must not be used from inside an async
+//! [`BlockingClient`] owns a current-thread runtime and blocks the calling thread on each
+//! request; the connection's reader task runs inside those calls (every request waits for its
+//! reply, so nothing needs reading in between). Several threads may call at once. It must not be used from inside an async
 //! runtime: blocking there would stall that runtime's worker.
 
 use std::future::Future;
@@ -28,9 +29,7 @@ pub struct BlockingClient {
 impl BlockingClient {
     /// Connects like [`Client::connect`].
     pub fn connect(addr: &str, opts: ClientOptions) -> Result<BlockingClient> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kvtier-client")
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let client = rt.block_on(Client::connect(addr, opts))?;
