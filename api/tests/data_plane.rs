@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use kvtier::client::{BlockingClient, ClientError, ClientOptions, PromptCache};
 use kvtier::testing::TestServer;
 use kvtier::wire::ErrorCode;
 use kvtier_cache::{ChunkKey, ChunkMeta, Fidelity, ModelLayout, Namespace, TierKind};
@@ -344,5 +345,80 @@ async fn garbage_connections_never_disturb_valid_clients() {
     // The valid client still works.
     let fresh = srv.client(&addr, None, "good").await.unwrap();
     assert!(fresh.get(&[ChunkKey(1)], false).await.unwrap()[0].is_some());
+    srv.shutdown().await.unwrap();
+}
+
+/// The engine's sequence through `PromptCache`: a miss stores every full chunk, a prompt sharing
+/// the prefix finds and fetches exactly those bytes under a lease (released after), a gap ends
+/// the prefix, and the blocking facade sees the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_cache_stores_finds_and_fetches_a_prefix() {
+    let srv = start(None, 64 << 20, 0);
+    let layout = ModelLayout::smollm2_135m();
+    let ns = Namespace::new(layout.fingerprint(), "eng").with_chunk_tokens(256);
+    let pc = PromptCache::new(srv.client(&srv.unix, None, "eng").await.unwrap(), ns.clone());
+    let tokens: Vec<u32> = (0..1000).collect();
+    let first = pc.lookup(&tokens).await.unwrap();
+    assert_eq!((first.keys.len(), first.hit_chunks), (3, 0));
+    for i in 0..3 {
+        pc.put_chunk(&first.keys, i, &payload(i as u64, 5000 + i))
+            .await
+            .unwrap();
+    }
+    // A longer prompt with the same 768-token prefix hits its three chunks.
+    let longer: Vec<u32> = (0..1100).collect();
+    let hit = pc.lookup(&longer).await.unwrap();
+    assert_eq!(hit.keys[..3], first.keys[..]);
+    assert_eq!((hit.hit_chunks, hit.hit_tokens(256)), (3, 768));
+    let got = pc
+        .fetch(&hit.keys[..hit.hit_chunks], vec![7u8; 1 << 16])
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    for i in 0..3 {
+        assert_eq!(got.payload(i), &payload(i as u64, 5000 + i)[..]);
+        let meta = &got.chunks[i].0;
+        assert_eq!((meta.depth, meta.tokens), (i as u32, 256));
+        assert_eq!(meta.parent, i.checked_sub(1).map(|p| first.keys[p]));
+    }
+    assert_eq!(srv.svc.store.stats().leases, 0, "fetch releases its leases");
+    // The middle chunk goes away: the prefix ends before it.
+    assert_eq!(pc.client().delete(&[first.keys[1]]).await.unwrap(), 1);
+    let got = pc.fetch(&first.keys, Vec::new()).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got.payload(0), &payload(0, 5000)[..]);
+    // A namespace of another tenant than the connection's is refused at lookup.
+    let wrong = PromptCache::new(
+        pc.client().clone(),
+        Namespace::new(layout.fingerprint(), "other").with_chunk_tokens(256),
+    );
+    let err = wrong.lookup(&tokens).await.unwrap_err();
+    assert!(matches!(err, ClientError::Protocol(_)), "{err}");
+
+    // The blocking facade, from a thread without a runtime.
+    let addr = srv.tcp.clone();
+    let keys = first.keys.clone();
+    tokio::task::spawn_blocking(move || {
+        let b = BlockingClient::connect(
+            &addr,
+            ClientOptions {
+                tenant: Some("eng".into()),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let got = b.get(&keys, false).unwrap();
+        assert_eq!(&got[0].as_ref().unwrap().bytes[..], &payload(0, 5000)[..]);
+        assert!(got[1].is_none());
+        let bpc = b.prompt_cache(ns);
+        let hit = bpc.lookup(&tokens).unwrap();
+        assert_eq!(hit.hit_chunks, 1);
+        bpc.put_chunk(&hit.keys, 1, &payload(1, 5001)).unwrap();
+        assert_eq!(bpc.lookup(&tokens).unwrap().hit_chunks, 3);
+        let got = bpc.fetch(&hit.keys, Vec::new()).unwrap();
+        assert_eq!(got.payload(1), &payload(1, 5001)[..]);
+    })
+    .await
+    .unwrap();
     srv.shutdown().await.unwrap();
 }
