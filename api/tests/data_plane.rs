@@ -356,7 +356,10 @@ async fn prompt_cache_stores_finds_and_fetches_a_prefix() {
     let srv = start(None, 64 << 20, 0);
     let layout = ModelLayout::smollm2_135m();
     let ns = Namespace::new(layout.fingerprint(), "eng").with_chunk_tokens(256);
-    let pc = PromptCache::new(srv.client(&srv.unix, None, "eng").await.unwrap(), ns.clone());
+    let pc = PromptCache::new(
+        srv.client(&srv.unix, None, "eng").await.unwrap(),
+        ns.clone(),
+    );
     let tokens: Vec<u32> = (0..1000).collect();
     let first = pc.lookup(&tokens).await.unwrap();
     assert_eq!((first.keys.len(), first.hit_chunks), (3, 0));
