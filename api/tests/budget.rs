@@ -4,6 +4,7 @@
 
 use kvtier::config::ServeConfig;
 use kvtier::service::Service;
+use kvtier::testing::TestServer;
 use kvtier_cache::{ChunkKey, ChunkMeta, Dtype, GetOutcome, ModelLayout};
 use kvtier_index::{CODEC_PRUNED, decode_pruned};
 use serde_json::{Value, json};
@@ -28,22 +29,12 @@ fn chunk(c: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_prune_stored_prompts_of_lossy_tenants_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let svc = Service::open(ServeConfig {
-        data_dir: dir.path().to_path_buf(),
-        host_bytes: 64 << 20,
-        disk_bytes: 0,
-        layouts: vec![layout()],
-        lossy_tenants: vec!["batch".into()],
-        ..ServeConfig::default()
+    let srv = TestServer::start(|c| {
+        c.layouts = vec![layout()];
+        c.lossy_tenants = vec!["batch".into()];
     })
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(kvtier::http::serve(svc.clone(), listener, async move {
-        let _ = stopped.await;
-    }));
+    let (svc, base) = (srv.svc.clone(), srv.http_url());
     let http = reqwest::Client::new();
     let fp = layout().fingerprint();
     let put_prompt = |tenant: &str, base_key: u128| -> Vec<ChunkKey> {
@@ -172,8 +163,7 @@ async fn budgets_prune_stored_prompts_of_lossy_tenants_only() {
     .await;
     assert_eq!(status, 400, "{v}");
 
-    stop.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    srv.shutdown().await.unwrap();
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use kvtier::config::{CodecName, ServeConfig};
 use kvtier::service::Service;
+use kvtier::testing::{TestServer, loopback_config};
 use kvtier_cache::{ChunkKey, ChunkMeta, Fidelity, GetOutcome, ModelLayout, Tier, TierKind};
 use serde_json::Value;
 
@@ -25,16 +26,16 @@ fn chunk(layout: &ModelLayout, seed: u32) -> Vec<u8> {
 async fn disk_codecs_encode_decode_and_show() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServeConfig {
-        data_dir: dir.path().to_path_buf(),
         host_bytes: 1 << 20,
         disk_bytes: 64 << 20,
         admit_after: 0,
         disk_codec: CodecName::Lossless,
         lossy_disk_codec: CodecName::Int8,
         lossy_tenants: vec!["batch".into()],
-        ..ServeConfig::default()
+        ..loopback_config(dir.path())
     };
-    let svc = Service::open(config).unwrap();
+    let srv = TestServer::start_with(config).unwrap();
+    let svc = srv.svc.clone();
     let store = svc.store.clone();
     let layout = ModelLayout::smollm2_135m();
     let exact_t = kvtier_cache::key::tenant_id("t");
@@ -104,12 +105,7 @@ async fn disk_codecs_encode_decode_and_show() {
     assert!(refused > 0, "some lossy chunks were only on disk");
 
     // `show` over HTTP reports the copies.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(kvtier::http::serve(svc.clone(), listener, async move {
-        let _ = stopped.await;
-    }));
+    let base = srv.http_url();
     let key = (100..106)
         .map(ChunkKey)
         .find(|k| store.host().contains(*k) && store.copies(lossy_t, *k).unwrap().len() == 2)
@@ -131,12 +127,9 @@ async fn disk_codecs_encode_decode_and_show() {
     assert_eq!(disk["codec_name"], "int8");
     assert!(disk["ratio"].as_f64().unwrap() > 1.5);
     assert!(disk["stored_bytes"].as_u64().unwrap() < disk["raw_bytes"].as_u64().unwrap());
-    stop.send(()).unwrap();
-    task.await.unwrap().unwrap();
-
     // A restart rebuilds the index from the encoded records: exact chunks still come back
-    // bit-exact, lossy ones are still lossy.
-    svc.shutdown().unwrap();
+    // bit-exact, lossy ones are still lossy. Stopping the server flushes the store.
+    srv.shutdown().await.unwrap();
     let config = svc.config.clone();
     drop((svc, store));
     let svc = Service::open(config).unwrap();

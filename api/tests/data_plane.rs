@@ -2,78 +2,24 @@
 //! Rust client. Covers every request kind, auth, tenant isolation, shared memory, and a flood of
 //! malformed connections interleaved with valid clients.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use kvtier::client::{Client, ClientError, ClientOptions};
-use kvtier::config::ServeConfig;
-use kvtier::server::{Listeners, run};
-use kvtier::service::Service;
+use kvtier::client::{BlockingClient, ClientError, ClientOptions, PromptCache};
+use kvtier::testing::TestServer;
 use kvtier::wire::ErrorCode;
 use kvtier_cache::{ChunkKey, ChunkMeta, Fidelity, ModelLayout, Namespace, TierKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct TestServer {
-    svc: Arc<Service>,
-    tcp: String,
-    unix: String,
-    _dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), kvtier::error::ApiError>>>,
-}
-
-impl TestServer {
-    async fn start(token: Option<&str>, host_bytes: u64, disk_bytes: u64) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let config = ServeConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            http: "127.0.0.1:0".parse().unwrap(),
-            token: token.map(str::to_string),
-            host_bytes,
-            disk_bytes,
-            stall_timeout_secs: 2,
-            ..ServeConfig::default()
-        };
-        let svc = Service::open(config).unwrap();
-        let listeners = Listeners::bind(&svc).await.unwrap();
-        let tcp = listeners.data.local_addr().unwrap().to_string();
-        let unix = format!("unix:{}", listeners.unix.as_ref().unwrap().1.display());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run(svc.clone(), listeners, async move {
-            let _ = rx.await;
-        }));
-        TestServer {
-            svc,
-            tcp,
-            unix,
-            _dir: dir,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    async fn client(
-        &self,
-        addr: &str,
-        token: Option<&str>,
-        tenant: &str,
-    ) -> Result<Client, ClientError> {
-        Client::connect(
-            addr,
-            ClientOptions {
-                token: token.map(str::to_string),
-                tenant: Some(tenant.to_string()),
-                client_name: "test".into(),
-            },
-        )
-        .await
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-    }
+/// The shared test server with a `host_bytes` host tier, a `disk_bytes` disk tier and a short
+/// stall timeout.
+fn start(token: Option<&str>, host_bytes: u64, disk_bytes: u64) -> TestServer {
+    TestServer::start(|c| {
+        c.token = token.map(str::to_string);
+        c.host_bytes = host_bytes;
+        c.disk_bytes = disk_bytes;
+        c.stall_timeout_secs = 2;
+    })
+    .unwrap()
 }
 
 fn payload(seed: u64, len: usize) -> Vec<u8> {
@@ -88,7 +34,7 @@ fn meta(len: usize, depth: u32) -> ChunkMeta {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_lookup_lease_delete_over_tcp_and_unix() {
-    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let srv = start(None, 64 << 20, 0);
     for addr in [srv.tcp.clone(), srv.unix.clone()] {
         let c = srv.client(&addr, None, "alice").await.unwrap();
         let layout = ModelLayout::smollm2_135m();
@@ -150,12 +96,12 @@ async fn put_get_lookup_lease_delete_over_tcp_and_unix() {
             0
         );
     }
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_in_flight_on_one_connection() {
-    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let srv = start(None, 64 << 20, 0);
     let c = srv.client(&srv.tcp, None, "t").await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..64u64 {
@@ -172,12 +118,12 @@ async fn many_requests_in_flight_on_one_connection() {
     for t in tasks {
         t.await.unwrap();
     }
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_is_required_and_tenants_are_isolated() {
-    let srv = TestServer::start(Some("s3cret-token"), 64 << 20, 0).await;
+    let srv = start(Some("s3cret-token"), 64 << 20, 0);
     let err = srv.client(&srv.tcp, None, "a").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
     let err = srv
@@ -214,12 +160,12 @@ async fn token_is_required_and_tenants_are_isolated() {
         vec![0]
     );
     assert!(a.get(&[ka], false).await.unwrap()[0].is_some());
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossy_chunks_are_not_served_to_exact_readers() {
-    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let srv = start(None, 64 << 20, 0);
     let c = srv.client(&srv.tcp, None, "t").await.unwrap();
     let mut m = meta(500, 0);
     m.codec = 7;
@@ -231,12 +177,12 @@ async fn lossy_chunks_are_not_served_to_exact_readers() {
     assert!(c.get(&[ChunkKey(9)], false).await.unwrap()[0].is_none());
     let got = c.get(&[ChunkKey(9)], true).await.unwrap();
     assert_eq!(got[0].as_ref().unwrap().meta.fidelity, m.fidelity);
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_memory_paths_move_exact_bytes() {
-    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let srv = start(None, 64 << 20, 0);
     let c = srv.client(&srv.unix, None, "t").await.unwrap();
     let data = payload(5, 3 << 20);
     c.put(ChunkKey(77), &meta(data.len(), 0), &data)
@@ -284,13 +230,13 @@ async fn shared_memory_paths_move_exact_bytes() {
     // Over TCP, shared memory is refused with a clear error.
     let t = srv.client(&srv.tcp, None, "t").await.unwrap();
     assert!(t.map_arenas().await.is_err());
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_host_tier_evicts_and_reports() {
     // 4 MiB host, no disk: 1 MiB chunks; the oldest go.
-    let srv = TestServer::start(None, 4 << 20, 0).await;
+    let srv = start(None, 4 << 20, 0);
     let c = srv.client(&srv.tcp, None, "t").await.unwrap();
     for i in 0..10u128 {
         let d = payload(i as u64, 1 << 20);
@@ -305,7 +251,7 @@ async fn full_host_tier_evicts_and_reports() {
     let stats = c.stats().await.unwrap();
     assert!(stats["tiers"][0]["evictions"].as_u64().unwrap() >= 6);
     assert!(stats["tiers"][0]["usage"]["bytes"].as_u64().unwrap() <= 4 << 20);
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
 }
 
 /// Sends raw bytes on a fresh connection and returns whatever the server answers before closing.
@@ -332,7 +278,7 @@ fn valid_hello() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_connections_never_disturb_valid_clients() {
-    let srv = TestServer::start(None, 64 << 20, 0).await;
+    let srv = start(None, 64 << 20, 0);
     let addr = srv.tcp.clone();
     // Error frames come back for rule breaks (bad magic, bad version, unknown opcode, oversize).
     let mut bad_magic = valid_hello();
@@ -399,5 +345,83 @@ async fn garbage_connections_never_disturb_valid_clients() {
     // The valid client still works.
     let fresh = srv.client(&addr, None, "good").await.unwrap();
     assert!(fresh.get(&[ChunkKey(1)], false).await.unwrap()[0].is_some());
-    srv.stop().await;
+    srv.shutdown().await.unwrap();
+}
+
+/// The engine's sequence through `PromptCache`: a miss stores every full chunk, a prompt sharing
+/// the prefix finds and fetches exactly those bytes under a lease (released after), a gap ends
+/// the prefix, and the blocking facade sees the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_cache_stores_finds_and_fetches_a_prefix() {
+    let srv = start(None, 64 << 20, 0);
+    let layout = ModelLayout::smollm2_135m();
+    let ns = Namespace::new(layout.fingerprint(), "eng").with_chunk_tokens(256);
+    let pc = PromptCache::new(
+        srv.client(&srv.unix, None, "eng").await.unwrap(),
+        ns.clone(),
+    );
+    let tokens: Vec<u32> = (0..1000).collect();
+    let first = pc.lookup(&tokens).await.unwrap();
+    assert_eq!((first.keys.len(), first.hit_chunks), (3, 0));
+    for i in 0..3 {
+        pc.put_chunk(&first.keys, i, &payload(i as u64, 5000 + i))
+            .await
+            .unwrap();
+    }
+    // A longer prompt with the same 768-token prefix hits its three chunks.
+    let longer: Vec<u32> = (0..1100).collect();
+    let hit = pc.lookup(&longer).await.unwrap();
+    assert_eq!(hit.keys[..3], first.keys[..]);
+    assert_eq!((hit.hit_chunks, hit.hit_tokens(256)), (3, 768));
+    let got = pc
+        .fetch(&hit.keys[..hit.hit_chunks], vec![7u8; 1 << 16])
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    for i in 0..3 {
+        assert_eq!(got.payload(i), &payload(i as u64, 5000 + i)[..]);
+        let meta = &got.chunks[i].0;
+        assert_eq!((meta.depth, meta.tokens), (i as u32, 256));
+        assert_eq!(meta.parent, i.checked_sub(1).map(|p| first.keys[p]));
+    }
+    assert_eq!(srv.svc.store.stats().leases, 0, "fetch releases its leases");
+    // The middle chunk goes away: the prefix ends before it.
+    assert_eq!(pc.client().delete(&[first.keys[1]]).await.unwrap(), 1);
+    let got = pc.fetch(&first.keys, Vec::new()).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got.payload(0), &payload(0, 5000)[..]);
+    // A namespace of another tenant than the connection's is refused at lookup.
+    let wrong = PromptCache::new(
+        pc.client().clone(),
+        Namespace::new(layout.fingerprint(), "other").with_chunk_tokens(256),
+    );
+    let err = wrong.lookup(&tokens).await.unwrap_err();
+    assert!(matches!(err, ClientError::Protocol(_)), "{err}");
+
+    // The blocking facade, from a thread without a runtime.
+    let addr = srv.tcp.clone();
+    let keys = first.keys.clone();
+    tokio::task::spawn_blocking(move || {
+        let b = BlockingClient::connect(
+            &addr,
+            ClientOptions {
+                tenant: Some("eng".into()),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let got = b.get(&keys, false).unwrap();
+        assert_eq!(&got[0].as_ref().unwrap().bytes[..], &payload(0, 5000)[..]);
+        assert!(got[1].is_none());
+        let bpc = b.prompt_cache(ns);
+        let hit = bpc.lookup(&tokens).unwrap();
+        assert_eq!(hit.hit_chunks, 1);
+        bpc.put_chunk(&hit.keys, 1, &payload(1, 5001)).unwrap();
+        assert_eq!(bpc.lookup(&tokens).unwrap().hit_chunks, 3);
+        let got = bpc.fetch(&hit.keys, Vec::new()).unwrap();
+        assert_eq!(got.payload(1), &payload(1, 5001)[..]);
+    })
+    .await
+    .unwrap();
+    srv.shutdown().await.unwrap();
 }

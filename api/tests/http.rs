@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use kvtier::config::ServeConfig;
 use kvtier::service::Service;
+use kvtier::testing::{TestServer, loopback_config};
 use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout, Namespace, WriteMode};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const TOKEN: &str = "test-token-0123";
 const CHUNK: u32 = 4;
@@ -19,8 +18,7 @@ struct Harness {
     svc: Arc<Service>,
     base: String,
     http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), kvtier::error::ApiError>>,
+    srv: TestServer,
     _dir: tempfile::TempDir,
 }
 
@@ -29,13 +27,12 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         Self::start_with(
             ServeConfig {
-                data_dir: dir.path().to_path_buf(),
                 disk_bytes,
                 host_bytes: 64 << 20,
                 token: Some(TOKEN.into()),
                 // Every put reaches disk too, so verify has two copies to check.
                 write_mode: WriteMode::WriteThrough,
-                ..Default::default()
+                ..loopback_config(dir.path())
             },
             dir,
         )
@@ -43,19 +40,12 @@ impl Harness {
     }
 
     async fn start_with(config: ServeConfig, dir: tempfile::TempDir) -> Harness {
-        let svc = Service::open(config).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(kvtier::http::serve(svc.clone(), listener, async move {
-            let _ = stopped.await;
-        }));
+        let srv = TestServer::start_with(config).unwrap();
         Harness {
-            svc,
-            base,
+            svc: srv.svc.clone(),
+            base: srv.http_url(),
             http: reqwest::Client::new(),
-            stop: Some(stop),
-            task,
+            srv,
             _dir: dir,
         }
     }
@@ -101,12 +91,10 @@ impl Harness {
         keys
     }
 
-    async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
+    async fn shutdown(self) {
+        tokio::time::timeout(Duration::from_secs(5), self.srv.shutdown())
             .await
             .expect("server stops within 5 s of shutdown")
-            .unwrap()
             .unwrap();
     }
 }
@@ -196,9 +184,11 @@ async fn healthz_reports_a_failed_disk_tier_as_degraded() {
     std::fs::write(&blocker, b"x").unwrap();
     let cfg = ServeConfig {
         data_dir: blocker,
+        // The data plane's socket cannot live under it either.
+        socket: dir.path().join("kvtier.sock"),
         disk_bytes: 16 << 20,
         host_bytes: 64 << 20,
-        ..Default::default()
+        ..loopback_config(dir.path())
     };
     let h = Harness::start_with(cfg, dir).await;
     let health: Value = h

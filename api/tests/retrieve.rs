@@ -5,11 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use kvtier::client::{Client, ClientOptions};
-use kvtier::config::ServeConfig;
-use kvtier::server::{Listeners, run};
-use kvtier::service::Service;
-use kvtier_cache::{ChunkKey, ChunkMeta, Dtype, ModelLayout, Namespace};
+use kvtier::client::{Client, ClientOptions, PromptCache};
+use kvtier::testing::TestServer;
+use kvtier_cache::{ChunkKey, Dtype, ModelLayout, Namespace};
 
 const CHUNK: usize = 64;
 const CHUNKS: usize = 8;
@@ -84,77 +82,31 @@ async fn client(addr: &str, tenant: &str) -> Client {
 
 /// A running server holding the test prompt of tenant "t".
 struct Served {
-    svc: std::sync::Arc<Service>,
-    addr: String,
-    http: String,
+    srv: TestServer,
     keys: Vec<ChunkKey>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), kvtier::error::ApiError>>,
 }
 
-async fn serve_prompt() -> (Served, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        host_bytes: 64 << 20,
-        disk_bytes: 0,
-        layouts: vec![layout()],
-        retrieval_min_tokens: TOKENS as u64,
-        ..ServeConfig::default()
-    };
-    let svc = Service::open(config).unwrap();
-    let listeners = Listeners::bind(&svc).await.unwrap();
-    let addr = listeners.data.local_addr().unwrap().to_string();
-    let http = listeners.http.local_addr().unwrap().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(run(svc.clone(), listeners, async move {
-        let _ = stopped.await;
-    }));
-
-    let c = client(&addr, "t").await;
-    let mut ns = Namespace::new(layout().fingerprint(), "t");
-    ns.chunk_tokens = CHUNK as u32;
-    let mut chain = ns.hasher();
-    let mut keys = Vec::new();
+async fn serve_prompt() -> Served {
+    let srv = TestServer::start(|c| {
+        c.layouts = vec![layout()];
+        c.retrieval_min_tokens = TOKENS as u64;
+    })
+    .unwrap();
+    // The prompt goes in as an engine stores it: full chunks, each the parent of the next.
+    let ns = Namespace::new(layout().fingerprint(), "t").with_chunk_tokens(CHUNK as u32);
+    let pc = PromptCache::new(client(&srv.tcp, "t").await, ns);
+    let tokens: Vec<u32> = (0..TOKENS as u32).collect();
+    let keys = pc.namespace().chunk_keys(&tokens);
     for i in 0..CHUNKS {
-        let tokens: Vec<u32> = (0..CHUNK as u32).map(|t| t + (i * CHUNK) as u32).collect();
-        let key = chain.next_key(&tokens);
-        let data = chunk(i);
-        let mut meta = ChunkMeta::raw(
-            0,
-            layout().fingerprint(),
-            CHUNK as u32,
-            i as u32,
-            data.len() as u64,
-        );
-        meta.parent = keys.last().copied();
-        c.put(key, &meta, &data).await.unwrap();
-        keys.push(key);
+        pc.put_chunk(&keys, i, &chunk(i)).await.unwrap();
     }
-    let served = Served {
-        svc,
-        addr,
-        http,
-        keys,
-        stop,
-        task,
-    };
-    (served, dir)
+    Served { srv, keys }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retrieve_exact_then_indexed_with_rows_isolation_and_invalidation() {
-    let (served, _dir) = serve_prompt().await;
-    let Served {
-        svc,
-        addr,
-        keys,
-        stop,
-        task,
-        ..
-    } = served;
+    let Served { srv, keys } = serve_prompt().await;
+    let (svc, addr) = (srv.svc.clone(), srv.tcp.clone());
     let c = client(&addr, "t").await;
 
     // Two decode steps' queries for all 4 query heads of layer 1.
@@ -248,8 +200,7 @@ async fn retrieve_exact_then_indexed_with_rows_isolation_and_invalidation() {
         .unwrap_err();
     assert!(err.to_string().contains("not stored"), "{err}");
 
-    stop.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    srv.shutdown().await.unwrap();
 }
 
 /// Little-endian bytes of f32 values.
@@ -259,15 +210,8 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploaded_queries_build_the_attention_aware_index() {
-    let (served, _dir) = serve_prompt().await;
-    let Served {
-        svc,
-        addr,
-        http,
-        keys,
-        stop,
-        task,
-    } = served;
+    let Served { srv, keys } = serve_prompt().await;
+    let (svc, addr, http) = (srv.svc.clone(), srv.tcp.clone(), srv.http.clone());
     let c = client(&addr, "t").await;
     let tip = keys.last().unwrap().to_string();
     let url = |heads: &str| format!("http://{http}/v1/prompts/{tip}/queries?heads={heads}");
@@ -353,6 +297,5 @@ async fn uploaded_queries_build_the_attention_aware_index() {
     assert_eq!(c.delete(&[*keys.last().unwrap()]).await.unwrap(), 1);
     assert_eq!(svc.retrieval.index_kind(tenant, &keys), None);
 
-    stop.send(()).unwrap();
-    task.await.unwrap().unwrap();
+    srv.shutdown().await.unwrap();
 }

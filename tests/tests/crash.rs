@@ -1,15 +1,19 @@
 //! Crash test of the disk tier: a writer process is killed with SIGKILL at random moments, and
 //! every chunk it acknowledged must read back bit-exact after reopening; then a damaged record
 //! must be refused while the others still read.
+//!
+//! The kill moments come from a seed printed at the start; `KVTIER_CRASH_SEED=<seed>` replays
+//! the same schedule (the writer's progress at each moment still depends on the machine).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use kvtier_cache::{CacheError, ChunkKey, Tier};
 use kvtier_offload::{DiskConfig, DiskTier, Durability};
+use kvtier_tests::{seed, xorshift};
 
 #[allow(dead_code)]
 #[path = "../src/bin/crash_writer.rs"]
@@ -102,11 +106,7 @@ fn check(tier: &DiskTier, ledger: &Ledger, round: u64) {
 fn acknowledged_chunks_survive_sigkill_and_damage_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
-    let mut seed = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
+    let mut seed = seed("KVTIER_CRASH_SEED");
     let mut ledger = Ledger::default();
     let mut rounds_with_acks = 0;
     for round in 0..ROUNDS {
@@ -132,10 +132,7 @@ fn acknowledged_chunks_survive_sigkill_and_damage_is_refused() {
             }
             lines
         });
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(150 + seed % 500));
+        std::thread::sleep(Duration::from_millis(150 + xorshift(&mut seed) % 500));
         child.kill().expect("SIGKILL the writer");
         let status = child.wait().unwrap();
         assert!(!status.success(), "writer exited on its own: {status}");
@@ -208,11 +205,6 @@ fn acknowledged_chunks_survive_sigkill_and_damage_is_refused() {
         "{ROUNDS} kills: {} chunks acknowledged and kept, {} deleted, {:?}",
         ledger.acked.len(),
         ledger.deleted.len(),
-        started.elapsed()
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "crash test took {:?}",
         started.elapsed()
     );
 }

@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use kvtier::wire::{
+use kvtier_wire::{
     AlignedVec, HeaderVisitor, Limits, Opcode, PREAMBLE_LEN, WireHeader, decode_frame,
     decode_header, encode_header, validate_header, visit_header_type,
 };

@@ -143,6 +143,8 @@ impl TensorInfo {
 
 /// A parsed GGUF file held in memory.
 pub struct GgufFile {
+    /// Format version (2 or 3, checked on parse); only the tests read it back.
+    #[allow(dead_code)]
     pub version: u32,
     pub metadata: HashMap<String, Value>,
     pub tensors: HashMap<String, TensorInfo>,

@@ -46,10 +46,6 @@ impl KvCache {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -95,6 +91,7 @@ impl KvCache {
     }
 
     /// Drops every token from position `len` on.
+    #[cfg(test)]
     pub fn truncate(&mut self, len: usize) {
         if len >= self.len {
             return;
@@ -109,6 +106,7 @@ impl KvCache {
 
     /// Rounds every stored value through `dtype`, which is what storing the cache in that dtype
     /// and loading it back does; the reference for "reuse is exact up to the storage dtype".
+    #[cfg(test)]
     pub fn round_through(&mut self, dtype: Dtype) -> Result<()> {
         for l in &mut self.layers {
             for x in l.k.iter_mut().chain(l.v.iter_mut()) {
@@ -195,6 +193,7 @@ fn check_dtype(dtype: Dtype) -> Result<()> {
     }
 }
 
+#[cfg(test)]
 fn round(x: f32, dtype: Dtype) -> Result<f32> {
     Ok(match dtype {
         Dtype::F16 => f16::from_f32(x).to_f32(),

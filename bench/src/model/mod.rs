@@ -10,11 +10,6 @@
 //! Keys and queries follow the rotate-half RoPE convention (GPT-NeoX / Hugging Face): the loader
 //! undoes the row permutation llama.cpp's converter applies to `attn_q`/`attn_k`.
 
-// This module is the model API for the capture suite and for the reference engine that later
-// generates from caches loaded out of kvtier; parts of it (chunk import, decoding, special
-// tokens) have no caller in this binary yet, so unused-code warnings would only be noise.
-#![allow(dead_code)]
-
 pub mod forward;
 pub mod gguf;
 pub mod kv;

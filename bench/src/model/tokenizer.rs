@@ -22,6 +22,8 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 
 pub struct Tokenizer {
     tokens: Vec<String>,
+    /// Token text -> id, for [`Tokenizer::token_id`] (the tests look tokens up by text).
+    #[cfg(test)]
     ids: HashMap<String, u32>,
     /// (left, right) -> (rank, merged id).
     merges: HashMap<(u32, u32), (u32, u32)>,
@@ -34,6 +36,9 @@ pub struct Tokenizer {
     /// Control tokens, longest first, for `encode_with_special`.
     specials: Vec<(String, u32)>,
     split: Regex,
+    /// End-of-sequence token. The engine generates a fixed number of tokens (cold and warm runs
+    /// are compared over equal lengths), so only the tests read it.
+    #[allow(dead_code)]
     pub eos_id: Option<u32>,
 }
 
@@ -132,6 +137,7 @@ impl Tokenizer {
         specials.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         Ok(Tokenizer {
             tokens,
+            #[cfg(test)]
             ids,
             merges: merge_map,
             byte_ids,
@@ -146,6 +152,7 @@ impl Tokenizer {
         self.tokens.len()
     }
 
+    #[cfg(test)]
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.ids.get(token).copied()
     }

@@ -3,7 +3,8 @@
 //! Greedy generation with SmolLM2-135M. For each prompt the engine, like a serving engine with a
 //! KV connector would:
 //! 1. hashes the prompt into chunk keys (tenant `engine`, layout of the model's f16 cache);
-//! 2. LOOKUPs how many leading chunks kvtier holds, GETs them and imports their KV in order;
+//! 2. LOOKUPs how many leading chunks kvtier holds, GETs them under a lease and imports their KV
+//!    in order (steps 2 and 4 go through `kvtier_client::PromptCache`);
 //! 3. prefills only the tokens after the hit, then decodes N tokens greedily;
 //! 4. PUTs the prompt's full chunks it computed itself (f16, parent = previous chunk's key).
 //!
@@ -21,11 +22,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kvtier::client::{Client, ClientOptions};
-use kvtier::config::ServeConfig;
-use kvtier::server::{Listeners, run as run_server};
-use kvtier::service::Service;
-use kvtier_cache::{ChunkMeta, Dtype, Namespace};
+use kvtier::testing::TestServer;
+use kvtier_cache::{ChunkKey, Dtype, Namespace};
+use kvtier_client::{BlockingClient, BlockingPromptCache, ClientOptions};
 
 use crate::model::forward::Logits;
 use crate::model::{KvCache, Model};
@@ -67,29 +66,13 @@ struct Generation {
     put: Duration,
 }
 
-/// A connection to kvtier, with the runtime its client runs on and, when the suite started the
-/// server itself, that server. The engine is synchronous (the model saturates the cores), so
-/// network calls are `block_on`s on this runtime.
+/// A connection to kvtier and, when the suite started the server itself, that server. The
+/// engine is synchronous (the model saturates the cores), so it talks to kvtier through the
+/// blocking client.
 struct Remote {
-    rt: tokio::runtime::Runtime,
-    client: Client,
+    client: BlockingClient,
     addr: String,
-    server: Option<InProcess>,
-}
-
-struct InProcess {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::result::Result<(), kvtier::error::ApiError>>,
-    _dir: tempfile::TempDir,
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    // Two workers: the client's reader task and the in-process server never compete with the
-    // model for long, and on a 2-core machine more threads would only add switching.
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
+    server: Option<TestServer>,
 }
 
 fn client_options(token: Option<String>) -> ClientOptions {
@@ -104,51 +87,21 @@ impl Remote {
     /// Starts a kvtier server in this process (host tier only, loopback, a Unix socket in a
     /// temporary directory) and connects to it over the socket, as a co-located engine would.
     fn start_in_process() -> Result<Remote> {
-        let rt = runtime()?;
-        let dir = tempfile::tempdir()?;
-        let config = ServeConfig {
-            data_dir: dir.path().join("data"),
-            listen: "127.0.0.1:0".parse()?,
-            http: "127.0.0.1:0".parse()?,
-            host_bytes: 1 << 30,
-            disk_bytes: 0,
-            ..ServeConfig::default()
-        };
-        let (addr, stop, task) = rt.block_on(async {
-            let svc = Service::open(config)?;
-            let listeners = Listeners::bind(&svc).await?;
-            let addr = match &listeners.unix {
-                Some((_, path)) => format!("unix:{}", path.display()),
-                None => listeners.data.local_addr()?.to_string(),
-            };
-            let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(run_server(svc, listeners, async move {
-                let _ = stop_rx.await;
-            }));
-            anyhow::Ok((addr, stop, task))
-        })?;
-        let client = rt
-            .block_on(Client::connect(&addr, client_options(None)))
+        let server = TestServer::start(|c| c.host_bytes = 1 << 30)?;
+        let addr = server.unix.clone();
+        let client = BlockingClient::connect(&addr, client_options(None))
             .with_context(|| format!("connecting to the in-process kvtier at {addr}"))?;
         Ok(Remote {
-            rt,
             client,
             addr,
-            server: Some(InProcess {
-                stop,
-                task,
-                _dir: dir,
-            }),
+            server: Some(server),
         })
     }
 
     fn connect(addr: &str, token: Option<String>) -> Result<Remote> {
-        let rt = runtime()?;
-        let client = rt
-            .block_on(Client::connect(addr, client_options(token)))
+        let client = BlockingClient::connect(addr, client_options(token))
             .with_context(|| format!("connecting to kvtier at {addr}"))?;
         Ok(Remote {
-            rt,
             client,
             addr: addr.to_string(),
             server: None,
@@ -157,13 +110,10 @@ impl Remote {
 
     /// Stops the in-process server, if any, and reports whether it ran cleanly.
     fn shutdown(self) -> Result<()> {
-        let Remote {
-            rt, client, server, ..
-        } = self;
+        let Remote { client, server, .. } = self;
         drop(client);
         if let Some(s) = server {
-            let _ = s.stop.send(());
-            rt.block_on(s.task)??;
+            s.stop()?;
         }
         Ok(())
     }
@@ -207,42 +157,25 @@ impl<'m> Engine<'m> {
             "empty prompt or nothing to generate"
         );
         let ct = self.ns.chunk_tokens as usize;
-        let fp = self.ns.layout_fingerprint;
         let t0 = Instant::now();
         let mut cache = self.model.new_cache();
-        let keys = self.ns.chunk_keys(prompt);
-        if let Some(r) = remote {
-            let reply =
-                r.rt.block_on(r.client.lookup(fp, None, ct as u32, prompt))?;
-            // The server hashes with the connection's tenant; a different key means the server
-            // resolved another tenant (a tenant token) and these chunks are not ours.
-            for (h, k) in reply.hits.iter().zip(&keys) {
-                ensure!(
-                    h.key == *k,
-                    "kvtier answered key {:?} where the engine computed {:?}: is the connection's tenant {TENANT:?}?",
-                    h.key,
-                    k
-                );
-            }
-            let mut n = reply.hits.len().min(keys.len());
+        let prompt_cache = remote.map(|r| r.client.prompt_cache(self.ns.clone()));
+        let mut keys = Vec::new();
+        if let Some(pc) = &prompt_cache {
+            // Lookup checks the server hashed with our tenant; fetch leases the hit chunks, reads
+            // them into one buffer and checks their layout and size.
+            let hit = pc.lookup(prompt)?;
+            keys = hit.keys;
+            let mut n = hit.hit_chunks;
             // The first generated token needs the last prompt token's logits, so at least one
             // token is always prefilled: when the whole prompt hits, its last chunk is recomputed.
             if n * ct >= prompt.len() {
                 n -= 1;
             }
-            if n > 0 {
-                let got = r.rt.block_on(r.client.get(&keys[..n], false))?;
-                for (i, g) in got.into_iter().enumerate() {
-                    // Evicted between lookup and get: prefill from here on instead.
-                    let Some(g) = g else { break };
-                    ensure!(
-                        g.meta.layout == fp && g.meta.tokens as usize == ct,
-                        "chunk {i} has layout {:#x} and {} tokens, expected {fp:#x} and {ct}",
-                        g.meta.layout,
-                        g.meta.tokens
-                    );
-                    cache.import_chunk(&g.bytes, i * ct, ct, DTYPE)?;
-                }
+            // A chunk evicted between lookup and fetch ends the prefix: prefill from there.
+            let got = pc.fetch(&keys[..n], Vec::new())?;
+            for i in 0..got.len() {
+                cache.import_chunk(got.payload(i), i * ct, ct, DTYPE)?;
             }
         }
         let fetch = t0.elapsed();
@@ -258,8 +191,8 @@ impl<'m> Engine<'m> {
             let logits = self.model.forward(&[last], &mut cache, Logits::Last)?;
             tokens.push(argmax(&logits));
         }
-        let (put_chunks, put) = match remote {
-            Some(r) => self.put_new_chunks(r, &cache, &keys, hit_tokens / ct)?,
+        let (put_chunks, put) = match &prompt_cache {
+            Some(pc) => self.put_new_chunks(pc, &cache, &keys, hit_tokens / ct)?,
             None => (0, Duration::ZERO),
         };
         Ok(Generation {
@@ -281,24 +214,16 @@ impl<'m> Engine<'m> {
     /// Generated tokens are not stored: the next prompt of a chat re-sends them as prompt text.
     fn put_new_chunks(
         &self,
-        r: &Remote,
+        pc: &BlockingPromptCache,
         cache: &KvCache,
-        keys: &[kvtier_cache::ChunkKey],
+        keys: &[ChunkKey],
         from: usize,
     ) -> Result<(usize, Duration)> {
         let ct = self.ns.chunk_tokens as usize;
         let t = Instant::now();
-        for (i, key) in keys.iter().enumerate().skip(from) {
+        for i in from..keys.len() {
             let payload = cache.export_chunk(i * ct..(i + 1) * ct, DTYPE)?;
-            let mut meta = ChunkMeta::raw(
-                0, // the server stamps the connection's tenant
-                self.ns.layout_fingerprint,
-                ct as u32,
-                i as u32,
-                payload.len() as u64,
-            );
-            meta.parent = i.checked_sub(1).map(|p| keys[p]);
-            r.rt.block_on(r.client.put(*key, &meta, &payload))?;
+            pc.put_chunk(keys, i, &payload)?;
         }
         Ok((keys.len().saturating_sub(from), t.elapsed()))
     }

@@ -15,7 +15,6 @@ use anyhow::{Context, Result, bail};
 use kvtier::client::{Client, ClientOptions};
 use kvtier_cache::{ChunkKey, ChunkMeta};
 
-use crate::inproc::InProcessServer;
 use crate::report::{Figures, rss};
 
 #[derive(clap::Args)]
@@ -46,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
 async fn run_async(args: Args) -> Result<()> {
     let clients = args.clients.unwrap_or(if args.quick { 64 } else { 256 });
     let secs = args.seconds.unwrap_or(if args.quick { 10 } else { 30 });
-    let server = InProcessServer::start(HOST_BUDGET, |c| c.max_in_flight = 16)?;
+    let server = crate::inproc::server(HOST_BUDGET, |c| c.max_in_flight = 16)?;
     let addr = server.tcp.clone();
     let (rss_before, _) = rss();
     let ops = Arc::new(AtomicU64::new(0));

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use half::f16;
-use kvtier::client::{Client, ClientOptions, RetrieveReply};
-use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout, Namespace};
+use kvtier::client::{Client, ClientOptions, PromptCache, RetrieveReply};
+use kvtier_cache::{ChunkKey, ModelLayout, Namespace};
 use kvtier_index::{MatrixView, exact_top_k};
 use kvtier_prompt::retrieval::IndexUsed;
 
 use crate::dump::KvDump;
-use crate::inproc::{InProcessServer, runtime};
+use crate::inproc::runtime;
 use crate::report::{Figures, median, rss};
 use crate::suites::compress::data::{Scope, chunk_payload};
 
@@ -80,10 +80,13 @@ async fn put_prompt(
     layout: &ModelLayout,
     chunks: usize,
 ) -> Result<Vec<ChunkKey>> {
-    let mut ns = Namespace::new(layout.fingerprint(), "bench");
-    ns.chunk_tokens = CHUNK as u32;
-    let mut chain = ns.hasher();
-    let mut keys: Vec<ChunkKey> = Vec::new();
+    let ns = Namespace::new(layout.fingerprint(), "bench").with_chunk_tokens(CHUNK as u32);
+    let pc = PromptCache::new(c.clone(), ns);
+    let ids: Vec<u32> = d.token_ids[..chunks * CHUNK]
+        .iter()
+        .map(|t| *t as u32)
+        .collect();
+    let keys = pc.namespace().chunk_keys(&ids);
     let scope = Scope {
         layers: d.layers,
         kv_heads: d.kv_heads,
@@ -92,22 +95,7 @@ async fn put_prompt(
         chunks,
     };
     for i in 0..chunks {
-        let ids: Vec<u32> = d.token_ids[i * CHUNK..(i + 1) * CHUNK]
-            .iter()
-            .map(|t| *t as u32)
-            .collect();
-        let key = chain.next_key(&ids);
-        let data = chunk_payload(d, &scope, i);
-        let mut meta = ChunkMeta::raw(
-            0,
-            layout.fingerprint(),
-            CHUNK as u32,
-            i as u32,
-            data.len() as u64,
-        );
-        meta.parent = keys.last().copied();
-        c.put(key, &meta, &data).await?;
-        keys.push(key);
+        pc.put_chunk(&keys, i, &chunk_payload(d, &scope, i)).await?;
     }
     Ok(keys)
 }
@@ -258,7 +246,7 @@ pub fn run(args: Args) -> Result<()> {
         client_name: "bench-retrieve".into(),
     };
     // Exact: background builds off.
-    let srv = InProcessServer::start(host, |c| c.retrieval_min_tokens = 0)?;
+    let srv = crate::inproc::server(host, |c| c.retrieval_min_tokens = 0)?;
     let exact = rt.block_on(async {
         let c = Client::connect(&srv.unix, opts()).await?;
         let keys = put_prompt(&c, &d, &layout, chunks).await?;
@@ -266,7 +254,7 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     srv.stop()?;
     // Indexed: builds on for prompts of this length.
-    let srv = InProcessServer::start(host, |c| {
+    let srv = crate::inproc::server(host, |c| {
         c.retrieval_min_tokens = prompt as u64;
         c.retrieval_index_bytes = 64 << 30;
         c.retrieval_hnsw_links = args.hnsw_links;
@@ -308,7 +296,7 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     let uploaded_mib = (uploaded.len() * 4) as f64 / (1 << 20) as f64;
-    let srv = InProcessServer::start(host, |c| {
+    let srv = crate::inproc::server(host, |c| {
         c.retrieval_min_tokens = prompt as u64;
         c.retrieval_index_bytes = 64 << 30;
     })?;

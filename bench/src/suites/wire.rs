@@ -23,7 +23,6 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use kvtier::client::{Client, ClientOptions};
 use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout, Namespace};
 
-use crate::inproc::InProcessServer;
 use crate::report::{Figures, median, percentile};
 
 #[derive(clap::Args)]
@@ -352,7 +351,7 @@ pub fn run(args: Args) -> Result<()> {
 
 async fn run_async(args: Args) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = InProcessServer::start(2 << 30, |_| {})?;
+    let server = crate::inproc::server(2 << 30, |_| {})?;
     let (tcp_addr, uds_addr) = (server.tcp.clone(), server.unix.clone());
 
     // Raw baselines serve the same bytes, from the server's side (its runtime and threads).

@@ -6,8 +6,8 @@ use kvtier_cache::{Dtype, ModelLayout};
 
 use super::fit::right_singular;
 use super::*;
-use kvtier_cache::chunk::to_f32;
 use crate::testdata::{Rng, small_layout, synthetic_prompt};
+use kvtier_cache::chunk::to_f32;
 
 fn rel_err(layout: &ModelLayout, a: &[u8], b: &[u8]) -> f64 {
     let (x, y) = (to_f32(layout.dtype, a), to_f32(layout.dtype, b));

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 use kvtier_cache::{ChunkKey, ChunkMeta, TierSet};
 
 use crate::transport::{Reader, Writer};
-use crate::wire::{
-    self, AlignedVec, ChunkMetaWire, DeleteHeader, DeleteOkHeader, ErrorCode, ErrorHeader,
+use kvtier_wire::{
+    self as wire, AlignedVec, ChunkMetaWire, DeleteHeader, DeleteOkHeader, ErrorCode, ErrorHeader,
     GetHeader, GetLocatedHeader, GetLocatedOkHeader, GetOkHeader, HelloHeader, HelloOkHeader,
     LeaseHeader, LeaseOkHeader, Limits, LookupHeader, LookupOkHeader, MapArenasHeader,
     MapArenasOkHeader, Opcode, PutHeader, ReleaseHeader, RetrieveHeader, RetrieveOkHeader,
@@ -88,6 +88,9 @@ struct Pending {
 struct Inner {
     writer: tokio::sync::Mutex<Writer>,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Set (under the `pending` lock) when the reader loop has ended: no reply can come any more,
+    /// so a request registered after that would wait forever.
+    closed: AtomicBool,
     next_id: AtomicU64,
     hello: HelloOkHeader,
     unix: bool,
@@ -214,6 +217,7 @@ impl Client {
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(writer),
             pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             hello: hello_ok,
             unix,
@@ -253,7 +257,13 @@ impl Client {
     ) -> Result<Frame> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.inner.pending.lock().insert(id, Pending { tx, dest });
+        {
+            let mut pending = self.inner.pending.lock();
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Closed);
+            }
+            pending.insert(id, Pending { tx, dest });
+        }
         let len: u64 = payload.iter().map(|p| p.len() as u64).sum();
         let head = wire::frame_head(T::OPCODE, id, 0, header, len)?;
         let sent = async {
@@ -714,7 +724,9 @@ async fn read_loop(inner: std::sync::Weak<Inner>, mut reader: Reader) {
     };
     if let Some(inner) = inner.upgrade() {
         let msg = end.to_string();
-        for (_, p) in inner.pending.lock().drain() {
+        let mut pending = inner.pending.lock();
+        inner.closed.store(true, Ordering::Release);
+        for (_, p) in pending.drain() {
             let _ = p.tx.send(Err(ClientError::Protocol(msg.clone())));
         }
     }

@@ -324,8 +324,8 @@ wire_header!(RetrieveHeader, Retrieve, |a| {
         return Err("keys: a prompt has at least one chunk".into());
     }
     let (k, heads) = (a.k.to_native(), a.heads.to_native());
-    if k == 0 || k > crate::retrieval::MAX_K {
-        return Err(format!("k {k} out of 1..={}", crate::retrieval::MAX_K));
+    if k == 0 || k > super::MAX_RETRIEVE_K {
+        return Err(format!("k {k} out of 1..={}", super::MAX_RETRIEVE_K));
     }
     if heads == 0 || heads > 1024 {
         return Err(format!("heads {heads} out of 1..=1024"));

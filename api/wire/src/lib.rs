@@ -1,4 +1,6 @@
-//! Frame layer of the binary data plane (TCP and Unix sockets).
+//! `kvtier-wire`: the frame layer of the binary data plane (TCP and Unix sockets), shared by the
+//! server, the client and anything else that speaks the protocol. Pure framing: it reads and
+//! writes through tokio's I/O traits and owns no sockets or runtime.
 //!
 //! # Frame
 //! Every frame is a fixed 32-byte preamble, then `header_len` bytes of rkyv-archived header, then
@@ -72,6 +74,9 @@ pub const KNOWN_FLAGS: u16 = FLAG_NO_REPLY;
 /// Hard cap on any key or lease-id list in a header (the design's figure). [`Limits::max_keys`]
 /// is usually lower.
 pub const MAX_KEYS: usize = 4096;
+/// Largest `k` one `Retrieve` may ask for (the service's own bound, `kvtier::retrieval::MAX_K`,
+/// is asserted equal at compile time).
+pub const MAX_RETRIEVE_K: u32 = 4096;
 /// Largest query payload of one `Retrieve` (f32 query vectors).
 pub const MAX_RETRIEVE_QUERY_BYTES: u64 = 16 << 20;
 
