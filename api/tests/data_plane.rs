@@ -425,3 +425,45 @@ async fn prompt_cache_stores_finds_and_fetches_a_prefix() {
     .unwrap();
     srv.shutdown().await.unwrap();
 }
+
+/// Puts of many different sizes into a small host tier, from four clients at once, with a disk
+/// tier written through: every put is answered (stored, or refused with a named error) instead of
+/// hanging when a new size class cannot get an arena.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_of_many_sizes_into_a_small_host_tier_are_all_answered() {
+    let srv = TestServer::start(|c| {
+        c.host_bytes = 2 << 20;
+        c.disk_bytes = 256 << 20;
+        c.write_mode = kvtier_cache::WriteMode::WriteThrough;
+        c.stall_timeout_secs = 2;
+    })
+    .unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let c = srv.client(&srv.tcp, None, "alice").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (mut stored, mut refused) = (0, 0);
+            for i in 0..100u64 {
+                let n = w * 1000 + i;
+                let len = 4096 + (n as usize * 7919) % (32 << 10);
+                let data = payload(n, len);
+                let m = meta(len, 0);
+                let put = c.put(ChunkKey(1000 + n as u128), &m, &data);
+                match tokio::time::timeout(Duration::from_secs(20), put).await {
+                    Err(_) => panic!("put {n} of {len} bytes got no answer within 20 s"),
+                    Ok(Ok(())) => stored += 1,
+                    Ok(Err(ClientError::Server { code, .. })) => {
+                        assert_eq!(code, Some(ErrorCode::TierFull), "put {n}");
+                        refused += 1;
+                    }
+                    Ok(Err(e)) => panic!("put {n}: {e}"),
+                }
+            }
+            (stored, refused)
+        }));
+    }
+    for t in tasks {
+        let (stored, refused) = t.await.unwrap();
+        assert!(stored > 0, "stored {stored}, refused {refused}");
+    }
+}
