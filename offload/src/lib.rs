@@ -3,11 +3,14 @@
 //! - [`disk`]: [`DiskTier`], chunks in checksummed append-only segment files;
 //! - [`shm`]: [`MemfdArenas`], host-tier arenas in memfd shared memory that same-host clients
 //!   can map read-only;
+//! - [`gpu`]: [`gpu::GpuTier`] in device memory (CUDA loaded at run time), pinned host arenas,
+//!   the page gather kernel and NVML telemetry;
 //! - [`transfer`]: the prefill→decode transfer engine's receiver-side allocator.
 //!
 //! All `unsafe` code of the project lives in this crate, each block small and justified.
 
 pub mod disk;
+pub mod gpu;
 pub mod shm;
 pub mod transfer;
 
