@@ -140,6 +140,9 @@ pub struct ServeConfig {
     /// SqueezeAttention's p = 0.5 raised attention error over uniform in 14 of 16 settings
     /// (`kvtier-bench budget`), so reallocation is opt-in.
     pub squeeze_p: f64,
+    /// Page-lock the host tier's arenas with the CUDA driver when one is present, so copies
+    /// between them and GPU memory run at full PCIe speed. Without a driver this does nothing.
+    pub pin_host_gpu: bool,
 }
 
 impl Default for ServeConfig {
@@ -174,6 +177,7 @@ impl Default for ServeConfig {
             squeeze_watermark: 0.9,
             squeeze_fraction: 0.5,
             squeeze_p: 1.0,
+            pin_host_gpu: true,
         }
     }
 }

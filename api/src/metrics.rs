@@ -27,6 +27,12 @@
 //! | `kvtier_tier_errors_total` | counter | `tier` | failed writes into a tier |
 //! | `kvtier_retrieval_indexed_prompts` | gauge | | prompts with built retrieval indexes |
 //! | `kvtier_retrieval_index_bytes` | gauge | | their estimated memory |
+//! | `kvtier_gpu_memory_used_bytes` | gauge | `gpu`, `name` | device memory in use (NVML) |
+//! | `kvtier_gpu_memory_free_bytes` | gauge | `gpu`, `name` | device memory free |
+//! | `kvtier_gpu_memory_total_bytes` | gauge | `gpu`, `name` | device memory installed |
+//! | `kvtier_gpu_utilization_ratio` | gauge | `gpu`, `name` | share of time a kernel ran (0–1) |
+//! | `kvtier_gpu_pcie_rx_bytes_per_second` | gauge | `gpu`, `name` | PCIe host→device throughput |
+//! | `kvtier_gpu_pcie_tx_bytes_per_second` | gauge | `gpu`, `name` | PCIe device→host throughput |
 //!
 //! The per-tier counters mirror the store's own cumulative counters (`absolute`), so they
 //! restart from zero with the process, as Prometheus counters may.
@@ -128,6 +134,25 @@ pub fn refresh_store(stats: &StoreStats) {
         ];
         for (name, value) in counters {
             metrics::counter!(name, "tier" => tier).absolute(value);
+        }
+    }
+}
+
+/// Copies NVML readings into the GPU gauges (nothing without a GPU).
+pub fn refresh_gpus(gpus: &[kvtier_offload::gpu::GpuStat]) {
+    for g in gpus {
+        let labels = [("gpu", g.index.to_string()), ("name", g.name.clone())];
+        metrics::gauge!("kvtier_gpu_memory_used_bytes", &labels).set(g.memory_used_bytes as f64);
+        metrics::gauge!("kvtier_gpu_memory_free_bytes", &labels).set(g.memory_free_bytes as f64);
+        metrics::gauge!("kvtier_gpu_memory_total_bytes", &labels).set(g.memory_total_bytes as f64);
+        if let Some(u) = g.utilization_gpu_pct {
+            metrics::gauge!("kvtier_gpu_utilization_ratio", &labels).set(u as f64 / 100.0);
+        }
+        if let Some(rx) = g.pcie_rx_kbps {
+            metrics::gauge!("kvtier_gpu_pcie_rx_bytes_per_second", &labels).set(rx as f64 * 1024.0);
+        }
+        if let Some(tx) = g.pcie_tx_kbps {
+            metrics::gauge!("kvtier_gpu_pcie_tx_bytes_per_second", &labels).set(tx as f64 * 1024.0);
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Service {
     pub disk_error: Option<String>,
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
     pub shared_arenas: bool,
+    /// Page-locking of host arenas with the CUDA driver, when a GPU was found (`pin_host_gpu`).
+    pub pinned_host: Option<Arc<kvtier_offload::gpu::pinned::PinStats>>,
     pub started: Instant,
 }
 
@@ -56,18 +58,19 @@ impl Service {
         config.validate()?;
         let host_cfg = HostConfig::with_budget(config.host_bytes);
         // One small probe arena tells whether memfd works here (it can be missing in sandboxes).
-        let (host, shared_arenas) = match MemfdArenas.allocate(4096) {
-            Ok(_) => (
-                HostTier::with_allocator(host_cfg, Box::new(MemfdArenas)),
-                true,
-            ),
+        let (allocator, shared_arenas): (Box<dyn ArenaAllocator>, bool) = match MemfdArenas
+            .allocate(4096)
+        {
+            Ok(_) => (Box::new(MemfdArenas), true),
             Err(e) => {
                 tracing::warn!(
                     "memfd arenas unavailable ({e}); host tier uses the heap and same-host zero-copy is off"
                 );
-                (HostTier::new(host_cfg), false)
+                (Box::new(kvtier_cache::host::HeapArenas), false)
             }
         };
+        let (allocator, pinned_host) = pin_host_arenas(&config, allocator);
+        let host = HostTier::with_allocator(host_cfg, allocator);
         let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
         let mut disk_error = None;
         if config.disk_bytes > 0 {
@@ -157,6 +160,7 @@ impl Service {
             lossy_tenants,
             disk_error,
             shared_arenas,
+            pinned_host,
             started: Instant::now(),
         }))
     }
@@ -186,4 +190,30 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
         hook.allow_lossy(kvtier_cache::key::tenant_id(t));
     }
     hook
+}
+
+/// Wraps the host tier's allocator so that its arenas are page-locked with the CUDA driver,
+/// when `pin_host_gpu` is on and a GPU opens; otherwise returns it unchanged after one log line.
+fn pin_host_arenas(
+    config: &ServeConfig,
+    allocator: Box<dyn ArenaAllocator>,
+) -> (
+    Box<dyn ArenaAllocator>,
+    Option<Arc<kvtier_offload::gpu::pinned::PinStats>>,
+) {
+    if !config.pin_host_gpu {
+        return (allocator, None);
+    }
+    match kvtier_offload::gpu::GpuDevice::open(0) {
+        Ok(dev) => {
+            tracing::info!("gpu found: host arenas are page-locked for device copies");
+            let pinned = kvtier_offload::gpu::PinnedArenas::new(allocator, dev);
+            let stats = pinned.stats();
+            (Box::new(pinned), Some(stats))
+        }
+        Err(e) => {
+            tracing::info!("{e}; host arenas stay pageable");
+            (allocator, None)
+        }
+    }
 }

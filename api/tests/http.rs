@@ -234,6 +234,13 @@ async fn stats_count_what_was_stored() {
         1,
         "no disk tier configured"
     );
+    // GPU telemetry: a list, and where it is empty, the reason (no NVML on CPU machines).
+    let gpus = s["gpus"].as_array().expect("gpus list in stats");
+    if gpus.is_empty() {
+        assert!(s["gpus_unavailable"].as_str().unwrap().starts_with("nvml"));
+    } else {
+        assert!(gpus[0]["memory_total_bytes"].as_u64().unwrap() > 0);
+    }
     h.shutdown().await;
 }
 

@@ -42,6 +42,8 @@ enum Suite {
     Budget(suites::budget::Args),
     /// Reference engine: SmolLM2 greedy generation reusing prefix KV through kvtier; cold vs warm TTFT.
     Engine(suites::engine::Args),
+    /// GPU tier (H2D/D2H of 32 MiB chunks) vs pinned cuMemcpy; paged gather vs per-page copies.
+    Gpu(suites::gpu::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +57,6 @@ fn main() -> Result<()> {
         Suite::Retrieve(a) => suites::retrieve::run(a),
         Suite::Budget(a) => suites::budget::run(a),
         Suite::Engine(a) => suites::engine::run(a),
+        Suite::Gpu(a) => suites::gpu::run(a),
     }
 }

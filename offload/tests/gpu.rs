@@ -8,7 +8,8 @@ use kvtier_cache::conformance::{self, payload};
 use kvtier_cache::host::{HeapArenas, HostConfig, HostTier};
 use kvtier_cache::{CacheError, ChunkKey, ChunkMeta, Tier};
 use kvtier_offload::gpu::{
-    self, GpuBudget, GpuConfig, GpuDevice, GpuError, GpuTier, PageCopier, PinnedArenas,
+    self, DeviceBuffer, GpuBudget, GpuConfig, GpuDevice, GpuError, GpuTier, PageCopier,
+    PinnedArenas,
 };
 
 fn meta(len: usize) -> ChunkMeta {
@@ -163,7 +164,7 @@ fn pinned_host_arenas_serve_the_host_tier() {
     let Some(dev) = gpu::test_device("pinned_host_arenas") else {
         return;
     };
-    let alloc = PinnedArenas::new(HeapArenas, dev.clone());
+    let alloc = PinnedArenas::new(Box::new(HeapArenas), dev.clone());
     let stats = alloc.stats();
     let host = HostTier::with_allocator(
         HostConfig {
@@ -210,41 +211,44 @@ fn gather_and_scatter_move_scattered_pages_bit_exact() {
     };
     let page = 32 << 10;
     let pages = 64usize;
-    let pool = dev.alloc((pages * page) as u64).unwrap();
-    let staging = dev.alloc((16 * page) as u64).unwrap();
+    let mut pool = DeviceBuffer::new(&dev, pages * page).unwrap();
+    let mut staging = DeviceBuffer::new(&dev, 16 * page).unwrap();
     let content = payload(11, pages * page);
-    // SAFETY: both allocations are live and this test's alone.
-    unsafe { dev.htod(pool, &content) }.unwrap();
+    pool.upload(0, &content).unwrap();
     let ids = [
         5usize, 63, 0, 17, 18, 40, 2, 9, 33, 34, 35, 60, 1, 12, 44, 50,
     ];
-    let srcs: Vec<u64> = ids.iter().map(|&i| pool + (i * page) as u64).collect();
-    unsafe { copier.gather(&srcs, staging, page) }.unwrap();
+    let offs: Vec<usize> = ids.iter().map(|&i| i * page).collect();
+    copier.gather(&pool, &offs, page, &mut staging, 0).unwrap();
     let mut out = vec![0u8; 16 * page];
-    unsafe { dev.dtoh(&mut out, staging) }.unwrap();
+    staging.download(0, &mut out).unwrap();
     for (j, &i) in ids.iter().enumerate() {
         assert!(
             out[j * page..(j + 1) * page] == content[i * page..(i + 1) * page],
             "page {i}"
         );
     }
+    // The per-page path gives the same bytes.
+    let mut naive = vec![0u8; 16 * page];
+    pool.download_pages(&offs, page, &mut naive).unwrap();
+    assert!(naive == out);
     // Scatter back into other pages, then read the whole pool.
-    let targets: Vec<u64> = (0..16)
-        .map(|j| pool + ((j * 4 + 3) * page) as u64)
-        .collect();
-    unsafe { copier.scatter(staging, &targets, page) }.unwrap();
+    let targets: Vec<usize> = (0..16).map(|j| (j * 4 + 3) * page).collect();
+    copier
+        .scatter(&staging, 0, &mut pool, &targets, page)
+        .unwrap();
     let mut all = vec![0u8; pages * page];
-    unsafe { dev.dtoh(&mut all, pool) }.unwrap();
+    pool.download(0, &mut all).unwrap();
     for (j, &i) in ids.iter().enumerate() {
         let t = j * 4 + 3;
         assert!(all[t * page..(t + 1) * page] == content[i * page..(i + 1) * page]);
     }
-    assert!(matches!(
-        unsafe { copier.gather(&[pool + 1], staging, page) },
-        Err(GpuError::Config(_))
-    ));
-    unsafe {
-        dev.free(pool).unwrap();
-        dev.free(staging).unwrap();
-    }
+    // Misaligned, out-of-bounds and overlapping requests are refused before any launch.
+    let refused = |r: Result<(), GpuError>| assert!(matches!(r, Err(GpuError::Config(_))), "{r:?}");
+    refused(copier.gather(&pool, &[1], page, &mut staging, 0));
+    refused(copier.gather(&pool, &[pages * page], page, &mut staging, 0));
+    refused(copier.gather(&pool, &offs, page, &mut staging, page));
+    refused(copier.scatter(&staging, 0, &mut pool, &[0, page / 2], page));
+    refused(pool.upload_pages(&[0, 16], page, &vec![0u8; 2 * page]));
+    refused(staging.download(16 * page - 1, &mut [0u8; 2]));
 }

@@ -100,7 +100,41 @@ pub(super) async fn stat(r: &Remote) -> Result<()> {
             t["demotions"].to_string()
         );
     }
+    print_gpus(&v);
     Ok(())
+}
+
+/// The `gpus` part of `/v1/stats`: one line per GPU, or why there is none.
+fn print_gpus(v: &Value) {
+    let gpus = v["gpus"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if gpus.is_empty() {
+        if let Some(why) = v["gpus_unavailable"].as_str() {
+            println!("gpus: none ({why})");
+        }
+        return;
+    }
+    println!(
+        "{:<4} {:<24} {:>11} {:>11} {:>6} {:>12} {:>12}",
+        "gpu", "name", "used", "free", "util", "pcie rx/s", "pcie tx/s"
+    );
+    let kb = |x: &Value| {
+        x.as_f64()
+            .map_or("-".to_string(), |k| human_bytes(k * 1024.0))
+    };
+    for g in gpus {
+        println!(
+            "{:<4} {:<24} {:>11} {:>11} {:>6} {:>12} {:>12}",
+            g["index"].to_string(),
+            g["name"].as_str().unwrap_or("?"),
+            human_bytes(num(&g["memory_used_bytes"])),
+            human_bytes(num(&g["memory_free_bytes"])),
+            g["utilization_gpu_pct"]
+                .as_u64()
+                .map_or("-".to_string(), |u| format!("{u}%")),
+            kb(&g["pcie_rx_kbps"]),
+            kb(&g["pcie_tx_kbps"]),
+        );
+    }
 }
 
 #[derive(Args)]

@@ -42,7 +42,15 @@ pub(super) async fn healthz(State(st): State<AppState>) -> Response {
 pub(super) async fn stats(State(st): State<AppState>, headers: HeaderMap) -> Response {
     timed("stats", async move {
         authorize(&st.svc, &headers)?;
-        Ok(Json(stats_json(&st.svc.store.stats())))
+        let mut v = stats_json(&st.svc.store.stats());
+        // NVML may sample for a few milliseconds: off the async workers.
+        let gpus = tokio::task::spawn_blocking(gpu_json).await.unwrap_or_else(
+            |e| json!({ "gpus": [], "gpus_unavailable": format!("telemetry task failed: {e}") }),
+        );
+        if let (Value::Object(m), Value::Object(g)) = (&mut v, gpus) {
+            m.extend(g);
+        }
+        Ok(Json(v))
     })
     .await
 }
@@ -69,6 +77,17 @@ pub(super) fn stats_json(s: &StoreStats) -> Value {
         })
         .collect();
     json!({ "chunks": s.chunks, "leases": s.leases, "tiers": tiers })
+}
+
+/// Per-GPU telemetry (`gpus`), and `gpus_unavailable` saying why the list is empty when NVML
+/// cannot be used (no driver).
+pub(super) fn gpu_json() -> Value {
+    let (gpus, why) = kvtier_offload::gpu::telemetry::gpu_stats_or_empty();
+    let mut v = json!({ "gpus": gpus });
+    if let Some(why) = why {
+        v["gpus_unavailable"] = Value::String(why);
+    }
+    v
 }
 
 /// `GET /v1/config`: the effective configuration, secrets redacted.
@@ -106,6 +125,11 @@ fn redact(v: &mut Value) {
 pub(super) async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
     timed("metrics", async move {
         authorize(&st.svc, &headers)?;
+        let (gpus, _) =
+            tokio::task::spawn_blocking(kvtier_offload::gpu::telemetry::gpu_stats_or_empty)
+                .await
+                .unwrap_or_default();
+        crate::metrics::refresh_gpus(&gpus);
         let text = crate::metrics::render(&st.svc.store.stats(), &st.svc.retrieval);
         Ok((
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

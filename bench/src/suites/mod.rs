@@ -4,6 +4,7 @@ pub mod budget;
 pub mod capture;
 pub mod compress;
 pub mod engine;
+pub mod gpu;
 pub mod load;
 pub mod retrieval;
 pub mod retrieve;

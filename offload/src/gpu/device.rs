@@ -426,6 +426,70 @@ impl GpuDevice {
     }
 }
 
+impl GpuDevice {
+    /// Copies piece `i` (`piece` bytes at device `srcs[i]`) to `dst[i * piece..]`, one
+    /// `cuMemcpyDtoHAsync` per piece (as paged engines do), then waits once.
+    ///
+    /// # Safety
+    /// Every source range lies in live device memory not written during the call.
+    pub unsafe fn dtoh_each(
+        &self,
+        dst: &mut [u8],
+        srcs: &[u64],
+        piece: usize,
+    ) -> Result<(), GpuError> {
+        if dst.len() != srcs.len() * piece {
+            return Err(GpuError::Config(format!(
+                "{} bytes for {} pieces of {piece}",
+                dst.len(),
+                srcs.len()
+            )));
+        }
+        self.bind()?;
+        let s = self.stream();
+        for (d, &src) in dst.chunks_exact_mut(piece.max(1)).zip(srcs) {
+            // SAFETY: the caller vouches for the source; `d` is borrowed until the sync below.
+            if let Err(e) = unsafe { result::memcpy_dtoh_async(d, src, s.cu_stream()) } {
+                // SAFETY: a stream of this context; drain it before `dst` is released.
+                let _ = unsafe { result::stream::synchronize(s.cu_stream()) };
+                return Err(GpuError::driver("copying a piece device to host", e));
+            }
+        }
+        // SAFETY: a stream of this context.
+        unsafe { result::stream::synchronize(s.cu_stream()) }
+            .map_err(|e| GpuError::driver("waiting for piece copies", e))
+    }
+
+    /// Copies `src[i * piece..]` to device `dsts[i]`, one `cuMemcpyHtoDAsync` per piece, then
+    /// waits once.
+    ///
+    /// # Safety
+    /// Every destination range lies in live device memory nothing else touches meanwhile, and
+    /// the ranges do not overlap.
+    pub unsafe fn htod_each(&self, dsts: &[u64], src: &[u8], piece: usize) -> Result<(), GpuError> {
+        if src.len() != dsts.len() * piece {
+            return Err(GpuError::Config(format!(
+                "{} bytes for {} pieces of {piece}",
+                src.len(),
+                dsts.len()
+            )));
+        }
+        self.bind()?;
+        let s = self.stream();
+        for (p, &dst) in src.chunks_exact(piece.max(1)).zip(dsts) {
+            // SAFETY: the caller vouches for the destination; `src` outlives the sync below.
+            if let Err(e) = unsafe { result::memcpy_htod_async(dst, p, s.cu_stream()) } {
+                // SAFETY: a stream of this context.
+                let _ = unsafe { result::stream::synchronize(s.cu_stream()) };
+                return Err(GpuError::driver("copying a piece host to device", e));
+            }
+        }
+        // SAFETY: a stream of this context.
+        unsafe { result::stream::synchronize(s.cu_stream()) }
+            .map_err(|e| GpuError::driver("waiting for piece copies", e))
+    }
+}
+
 /// CRC32C of `data`, pieces of [`PIECE_BYTES`] in parallel on rayon's pool, combined.
 pub fn crc_parallel(data: &[u8]) -> u32 {
     use rayon::prelude::*;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
+use super::buffer::{DeviceBuffer, check_pieces};
 use super::{GpuDevice, GpuError, guarded};
 
 const KERNEL: &str = r#"
@@ -129,38 +130,46 @@ impl PageCopier {
             .map_err(|e| GpuError::driver("waiting for the copy", e))
     }
 
-    /// Gathers pieces at `srcs` into the contiguous range at `dst` (piece `i` at
-    /// `dst + i * piece_bytes`).
-    ///
-    /// # Safety
-    /// As [`PageCopier::copy`].
-    pub unsafe fn gather(
+    /// Gathers the pieces of `src` at `offsets` (`piece` bytes each) into `dst` back to back
+    /// from `dst_offset`, in one launch.
+    pub fn gather(
         &self,
-        srcs: &[u64],
-        dst: u64,
-        piece_bytes: usize,
+        src: &DeviceBuffer,
+        offsets: &[usize],
+        piece: usize,
+        dst: &mut DeviceBuffer,
+        dst_offset: usize,
     ) -> Result<(), GpuError> {
-        let dsts: Vec<u64> = (0..srcs.len() as u64)
-            .map(|i| dst + i * piece_bytes as u64)
+        check_pieces("gather", offsets, piece, src.len(), false)?;
+        let total = offsets.len() * piece;
+        check_pieces("gather", &[dst_offset], total, dst.len(), false)?;
+        let srcs: Vec<u64> = offsets.iter().map(|&o| src.addr() + o as u64).collect();
+        let dsts: Vec<u64> = (0..offsets.len())
+            .map(|i| dst.addr() + (dst_offset + i * piece) as u64)
             .collect();
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.copy(srcs, &dsts, piece_bytes) }
+        // SAFETY: all ranges are in bounds of two distinct live buffers (one borrowed `&mut`),
+        // destination pieces are consecutive and so disjoint.
+        unsafe { self.copy(&srcs, &dsts, piece) }
     }
 
-    /// Scatters the contiguous range at `src` into pieces at `dsts`.
-    ///
-    /// # Safety
-    /// As [`PageCopier::copy`].
-    pub unsafe fn scatter(
+    /// Scatters `offsets.len()` pieces of `src`, back to back from `src_offset`, to the
+    /// (disjoint) pieces of `dst` at `offsets`, in one launch.
+    pub fn scatter(
         &self,
-        src: u64,
-        dsts: &[u64],
-        piece_bytes: usize,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        dst: &mut DeviceBuffer,
+        offsets: &[usize],
+        piece: usize,
     ) -> Result<(), GpuError> {
-        let srcs: Vec<u64> = (0..dsts.len() as u64)
-            .map(|i| src + i * piece_bytes as u64)
+        check_pieces("scatter", offsets, piece, dst.len(), true)?;
+        let total = offsets.len() * piece;
+        check_pieces("scatter", &[src_offset], total, src.len(), false)?;
+        let srcs: Vec<u64> = (0..offsets.len())
+            .map(|i| src.addr() + (src_offset + i * piece) as u64)
             .collect();
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { self.copy(&srcs, dsts, piece_bytes) }
+        let dsts: Vec<u64> = offsets.iter().map(|&o| dst.addr() + o as u64).collect();
+        // SAFETY: as in `gather`; destination pieces were checked disjoint.
+        unsafe { self.copy(&srcs, &dsts, piece) }
     }
 }

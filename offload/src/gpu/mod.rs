@@ -4,6 +4,7 @@
 //!   when it creates a context and `libcuda` is missing, so [`is_driver_present`] runs first);
 //! - [`device`]: [`GpuDevice`], one context and a few streams; device allocations, host↔device
 //!   copies, page-locked (pinned) host buffers and registration of existing host memory;
+//! - [`buffer`]: [`DeviceBuffer`], an owned allocation with safe, bounds-checked copies;
 //! - [`slots`]: the device arena's slot bookkeeping, free of CUDA and tested without a device;
 //! - [`tier`]: [`GpuTier`], a [`kvtier_cache::Tier`] over device arenas carved into slots;
 //! - [`pinned`]: [`PinnedArenas`], host-tier arenas page-locked with the driver;
@@ -13,6 +14,7 @@
 //! Everything here builds without CUDA installed; without a driver every constructor returns
 //! a [`GpuError`] that the caller logs once.
 
+pub mod buffer;
 pub mod device;
 pub mod gather;
 pub mod pinned;
@@ -20,6 +22,7 @@ pub mod slots;
 pub mod telemetry;
 pub mod tier;
 
+pub use buffer::DeviceBuffer;
 pub use device::{GpuDevice, PinnedBuf};
 pub use gather::PageCopier;
 pub use pinned::PinnedArenas;

@@ -26,14 +26,14 @@ pub struct PinStats {
 }
 
 /// Wraps an allocator and page-locks every arena it hands out.
-pub struct PinnedArenas<A> {
-    inner: A,
+pub struct PinnedArenas {
+    inner: Box<dyn ArenaAllocator>,
     dev: Arc<GpuDevice>,
     stats: Arc<PinStats>,
 }
 
-impl<A: ArenaAllocator> PinnedArenas<A> {
-    pub fn new(inner: A, dev: Arc<GpuDevice>) -> Self {
+impl PinnedArenas {
+    pub fn new(inner: Box<dyn ArenaAllocator>, dev: Arc<GpuDevice>) -> Self {
         PinnedArenas {
             inner,
             dev,
@@ -47,7 +47,7 @@ impl<A: ArenaAllocator> PinnedArenas<A> {
     }
 }
 
-impl<A: ArenaAllocator> ArenaAllocator for PinnedArenas<A> {
+impl ArenaAllocator for PinnedArenas {
     fn allocate(&self, len: usize) -> Result<Arena> {
         let arena = self.inner.allocate(len)?;
         let ptr = arena.mem.as_ptr().cast_mut();
