@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (the build machine), from anywhere in the repo, after
 #   cargo test --release --no-run && cargo build --release -p kvtier-bench
-# Copies the GPU test binaries and the bench binary, stripped, into .gpu-carry/ for
+# Copies the GPU test binaries, the bench binary and the IPC probe (with tests/gpu/ipc_engine.py), stripped, into .gpu-carry/ for
 # scripts/gpu-device.sh on the GPU machine. Test binaries are found from cargo's JSON messages
 # (the executables of the named test targets), never by guessing hashed file names.
 set -euo pipefail
@@ -53,11 +53,25 @@ for line in sys.stdin:
 ')
 [ -n "$bench" ] || { echo "error: kvtier-bench executable not found in cargo output" >&2; exit 1; }
 cp "$bench" "$carry/kvtier-bench"
-[ -f tests/gpu/ipc_engine.py ] && cp tests/gpu/ipc_engine.py "$carry/" || true
+# The CUDA IPC test engine and the helper that maps its buffer.
+probe=$(cargo build --release -p kvtier-tests --bin kvtier_ipc_probe --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kvtier_ipc_probe" and m.get("executable"):
+        print(m["executable"])
+')
+[ -n "$probe" ] || { echo "error: kvtier_ipc_probe executable not found in cargo output" >&2; exit 1; }
+cp "$probe" "$carry/kvtier_ipc_probe"
+cp tests/gpu/ipc_engine.py "$carry/"
 
 n=$(ls "$carry/tests" | wc -l)
 [ "$n" -eq 3 ] || { echo "error: expected 3 test binaries, found $n" >&2; exit 1; }
-strip "$carry"/tests/* "$carry/kvtier-bench"
+strip "$carry"/tests/* "$carry/kvtier-bench" "$carry/kvtier_ipc_probe"
 du -sh "$carry"
 total=$(du -sb "$carry" | cut -f1)
 [ "$total" -lt $((60 << 20)) ] || { echo "error: $carry is $total bytes, over 60 MiB" >&2; exit 1; }

@@ -52,11 +52,12 @@ echo "== kvtier-bench gpu rc=$rc" | tee -a "$out/summary.log"
 
 if [ -f "$carry/ipc_engine.py" ]; then
   echo "== ipc_engine.py"
-  python3 "$carry/ipc_engine.py" 2>&1 | tee "$out/ipc-engine.log"
+  KVTIER_IPC_PROBE="$PWD/$carry/kvtier_ipc_probe" python3 "$carry/ipc_engine.py" 2>&1 | tee "$out/ipc-engine.log"
   rc=${PIPESTATUS[0]}
   echo "== ipc_engine.py rc=$rc" | tee -a "$out/summary.log"
   [ "$rc" -eq 0 ] || status=1
 else
-  echo "== ipc_engine.py: not present (CUDA IPC integration not built)" | tee -a "$out/summary.log"
+  echo "== ipc_engine.py: not in $carry (run scripts/gpu-collect.sh)" | tee -a "$out/summary.log"
+  status=1
 fi
 exit $status

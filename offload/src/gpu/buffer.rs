@@ -52,6 +52,27 @@ pub(crate) fn check_pieces(
     Ok(())
 }
 
+/// A range of device memory this process may copy into and out of: an owned
+/// [`DeviceBuffer`] or an engine's buffer mapped by IPC ([`super::ipc::EngineRegion`]).
+/// Implementors guarantee `addr()..addr()+len()` stays mapped while the value lives and that
+/// no two values cover the same range.
+pub trait DeviceRegion {
+    fn addr(&self) -> u64;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl DeviceRegion for DeviceBuffer {
+    fn addr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 impl DeviceBuffer {
     /// Allocates `len` bytes (contents undefined until written).
     pub fn new(dev: &Arc<GpuDevice>, len: usize) -> Result<Self, GpuError> {

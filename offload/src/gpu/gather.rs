@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::buffer::{DeviceBuffer, check_pieces};
+use super::buffer::{DeviceRegion, check_pieces};
 use super::{GpuDevice, GpuError, guarded};
 
 const KERNEL: &str = r#"
@@ -134,10 +134,10 @@ impl PageCopier {
     /// from `dst_offset`, in one launch.
     pub fn gather(
         &self,
-        src: &DeviceBuffer,
+        src: &impl DeviceRegion,
         offsets: &[usize],
         piece: usize,
-        dst: &mut DeviceBuffer,
+        dst: &mut impl DeviceRegion,
         dst_offset: usize,
     ) -> Result<(), GpuError> {
         check_pieces("gather", offsets, piece, src.len(), false)?;
@@ -147,7 +147,8 @@ impl PageCopier {
         let dsts: Vec<u64> = (0..offsets.len())
             .map(|i| dst.addr() + (dst_offset + i * piece) as u64)
             .collect();
-        // SAFETY: all ranges are in bounds of two distinct live buffers (one borrowed `&mut`),
+        // SAFETY: all ranges are in bounds of two live regions, distinct because one is borrowed
+        // `&mut` (a `DeviceRegion` owns or exclusively maps its range),
         // destination pieces are consecutive and so disjoint.
         unsafe { self.copy(&srcs, &dsts, piece) }
     }
@@ -156,9 +157,9 @@ impl PageCopier {
     /// (disjoint) pieces of `dst` at `offsets`, in one launch.
     pub fn scatter(
         &self,
-        src: &DeviceBuffer,
+        src: &impl DeviceRegion,
         src_offset: usize,
-        dst: &mut DeviceBuffer,
+        dst: &mut impl DeviceRegion,
         offsets: &[usize],
         piece: usize,
     ) -> Result<(), GpuError> {

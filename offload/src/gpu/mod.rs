@@ -9,6 +9,7 @@
 //! - [`tier`]: [`GpuTier`], a [`kvtier_cache::Tier`] over device arenas carved into slots;
 //! - [`pinned`]: [`PinnedArenas`], host-tier arenas page-locked with the driver;
 //! - [`gather`]: one-launch gather/scatter of scattered pages (a small nvrtc kernel);
+//! - [`ipc`]: engine buffers mapped by CUDA IPC, saved and restored by page id;
 //! - [`telemetry`]: per-GPU memory, utilisation and PCIe throughput from NVML.
 //!
 //! Everything here builds without CUDA installed; without a driver every constructor returns
@@ -17,6 +18,7 @@
 pub mod buffer;
 pub mod device;
 pub mod gather;
+pub mod ipc;
 pub mod pinned;
 pub mod slots;
 pub mod telemetry;
