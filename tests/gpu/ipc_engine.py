@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+
+import torch  # noqa: E402
 
 LAYERS, BLOCKS, BLOCK, HEADS, DIM = 4, 64, 16, 8, 128
 PAGE_ELEMS = BLOCK * HEADS * DIM
@@ -32,7 +34,16 @@ def main() -> int:
     storage = kv.untyped_storage()
     share = storage._share_cuda_()
     handle, offset = share[1], share[3]
-    assert len(handle) == 64, len(handle)
+    # PyTorch 2.x prefixes the 64-byte cudaIpcMemHandle_t with a format version byte and a kind
+    # byte ('c': a plain cudaMalloc block; 'e': an expandable segment, which has no such handle).
+    if len(handle) == 66 and handle[1:2] == b"c":
+        handle = handle[2:]
+    elif len(handle) == 65 and handle[:1] == b"c":
+        handle = handle[1:]
+    if len(handle) != 64:
+        print(f"unexpected IPC handle of {len(share[1])} bytes, prefix {share[1][:2]!r}",
+              file=sys.stderr)
+        return 1
     offset += kv.storage_offset() * kv.element_size()
     args = [probe, handle.hex(), str(offset), str(LAYERS * 2), str(BLOCKS), str(PAGE_BYTES),
             ",".join(map(str, SAVE)), ",".join(map(str, RESTORE))]
