@@ -53,13 +53,13 @@
 
 mod frame;
 mod headers;
-mod transfer;
 #[cfg(test)]
 mod io_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;
+mod transfer;
 
 pub use frame::{
     PREAMBLE_LEN, Preamble, access_header, check_header_crc, decode_frame, decode_header,
@@ -67,8 +67,8 @@ pub use frame::{
     validate_header, write_frame,
 };
 pub use headers::*;
-pub use transfer::*;
 pub use rkyv::util::AlignedVec;
+pub use transfer::*;
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"KVTW";

@@ -99,7 +99,9 @@ pub struct TransferLayersHeader {
 wire_header!(TransferLayersHeader, TransferLayers, |a| {
     let (s, e) = (a.layer_start.to_native(), a.layer_end.to_native());
     if s >= e || e > MAX_TRANSFER_LAYERS {
-        return Err(format!("layer range {s}..{e} is empty or past {MAX_TRANSFER_LAYERS}"));
+        return Err(format!(
+            "layer range {s}..{e} is empty or past {MAX_TRANSFER_LAYERS}"
+        ));
     }
     Ok(())
 });
@@ -174,7 +176,9 @@ fn check_move(keys: usize, peer: usize, connections: u32, per_run: u32) -> Resul
         return Err("keys: a transfer has at least one chunk".into());
     }
     if peer == 0 || peer > MAX_PEER_LEN {
-        return Err(format!("peer address of {peer} bytes out of 1..={MAX_PEER_LEN}"));
+        return Err(format!(
+            "peer address of {peer} bytes out of 1..={MAX_PEER_LEN}"
+        ));
     }
     if connections > MAX_TRANSFER_CONNECTIONS {
         return Err(format!(
@@ -182,7 +186,9 @@ fn check_move(keys: usize, peer: usize, connections: u32, per_run: u32) -> Resul
         ));
     }
     if per_run > MAX_TRANSFER_LAYERS {
-        return Err(format!("layers per run {per_run} past {MAX_TRANSFER_LAYERS}"));
+        return Err(format!(
+            "layers per run {per_run} past {MAX_TRANSFER_LAYERS}"
+        ));
     }
     Ok(())
 }
@@ -233,7 +239,11 @@ mod tests {
     #[test]
     fn manifests_are_checked() {
         assert!(archived_ok(&begin(32, 32 * 4096)).is_ok());
-        assert!(archived_ok(&begin(32, 32 * 4096 + 1)).unwrap_err().contains("split"));
+        assert!(
+            archived_ok(&begin(32, 32 * 4096 + 1))
+                .unwrap_err()
+                .contains("split")
+        );
         assert!(archived_ok(&begin(0, 4096)).is_err());
         assert!(archived_ok(&begin(MAX_TRANSFER_LAYERS + 1, 4096)).is_err());
         let mut empty = begin(1, 1);
