@@ -42,6 +42,8 @@ enum Suite {
     Budget(suites::budget::Args),
     /// Reference engine: SmolLM2 greedy generation reusing prefix KV through kvtier; cold vs warm TTFT.
     Engine(suites::engine::Args),
+    /// Prefill→decode transfer of a Llama-3.1-8B-shaped request: naive per-block puts vs coalesced vs raw TCP.
+    Transfer(suites::transfer::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +57,6 @@ fn main() -> Result<()> {
         Suite::Retrieve(a) => suites::retrieve::run(a),
         Suite::Budget(a) => suites::budget::run(a),
         Suite::Engine(a) => suites::engine::run(a),
+        Suite::Transfer(a) => suites::transfer::run(a),
     }
 }

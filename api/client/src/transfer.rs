@@ -5,7 +5,8 @@
 //! already has), then one `TransferLayers` frame per run of layers, spread round-robin over the
 //! given connections and written with vectored writes straight from the chunks' [`Bytes`] (slot
 //! memory when the sender is a server): no intermediate copy, `ceil(layers / layers_per_run)`
-//! calls per request instead of one per block per layer. [`Client::wait_layers`] lets the
+//! calls per request instead of one per block per layer. The first run is sent alone, the rest
+//! concurrently. [`Client::wait_layers`] lets the
 //! receiving engine start on the first layers while later ones are in flight.
 
 use std::time::{Duration, Instant};
@@ -164,6 +165,15 @@ pub async fn push(
         let chunks: std::sync::Arc<[OutgoingChunk]> = chunks.into();
         let mut set = JoinSet::new();
         let mut start = state.layers_done;
+        // The first run goes alone: it then has the whole link, so the receiver can start on
+        // layer 0 after about `per_run / layers` of the transfer instead of `connections` times
+        // that. The rest share the connections.
+        if start < layers {
+            let end = (start + per_run).min(layers);
+            send_layers(first, transfer_id, &chunks, layers, start..end).await?;
+            report.calls += 1;
+            start = end;
+        }
         while start < layers {
             let end = (start + per_run).min(layers);
             let conn = conns[report.calls as usize % conns.len()].clone();
