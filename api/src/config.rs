@@ -192,8 +192,13 @@ impl Default for ServeConfig {
             // Zero pages are mapped lazily: an idle region costs address space only.
             transfer_bytes: 1 << 30,
             transfer_timeout_ms: 30_000,
+            // Measured (bench/RESULTS.md, transfer): on the shared 2-core machine one and four
+            // loopback connections were within run-to-run noise (1.05-2.17 vs 1.38-2.42 GB/s for
+            // 512 MiB); four, because real NICs need several streams to fill.
             transfer_connections: 4,
-            transfer_layers_per_run: 4,
+            // 16 frames for a 32-layer model; the first (sent alone) is 1/16 of the request, so
+            // layer 0 is usable after well under 10% of the transfer.
+            transfer_layers_per_run: 2,
             transfer_advertise: None,
             transfer_peers: Vec::new(),
         }

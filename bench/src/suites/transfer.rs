@@ -36,7 +36,7 @@ pub struct Args {
     /// Short run (1024 tokens, fewer repetitions; under a minute on 2 cores).
     #[arg(long)]
     pub quick: bool,
-    /// Parallel connections for every method.
+    /// Parallel connections for every method (the server's `transfer_connections` default).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
     /// Layers per coalesced frame.
