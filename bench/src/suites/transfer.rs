@@ -42,6 +42,16 @@ pub struct Args {
     /// Layers per coalesced frame.
     #[arg(long, default_value_t = 2)]
     pub layers_per_run: u32,
+    /// Use running servers instead of in-process ones (`scripts/transfer-netns.sh`): the
+    /// prefill server's data-plane address, as this process reaches it.
+    #[arg(long, requires = "decode")]
+    pub prefill: Option<String>,
+    /// The decode server's data-plane address (as this process and the prefill server reach it).
+    #[arg(long, requires = "prefill")]
+    pub decode: Option<String>,
+    /// Label of the external run in the JSON line (for example `veth` or `veth-tbf-1gbit`).
+    #[arg(long, default_value = "external")]
+    pub label: String,
 }
 
 const CHUNK_TOKENS: usize = 256;
@@ -85,9 +95,10 @@ async fn connect(addr: &str) -> Result<Client> {
     Ok(Client::connect(
         addr,
         ClientOptions {
+            // External servers (scripts/transfer-netns.sh) have a token.
+            token: std::env::var("KVTIER_BENCH_TOKEN").ok(),
             tenant: Some("bench".into()),
             client_name: "bench-transfer".into(),
-            ..ClientOptions::default()
         },
     )
     .await?)
@@ -223,7 +234,90 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Polls until the transfer is begun on the decode server, then waits for layer 0.
+async fn first_layer(waiter: Client, id: u128, t: Instant) -> Result<Duration> {
+    loop {
+        match waiter.wait_layers(id, 1, Duration::from_secs(120)).await {
+            Ok(p) => {
+                anyhow::ensure!(p.layers_done >= 1, "wait_layers ended early: {p:?}");
+                return Ok(t.elapsed());
+            }
+            Err(e) if e.code() == Some(kvtier::wire::ErrorCode::NotFound) => {
+                anyhow::ensure!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "transfer never began"
+                );
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Push and pull of one request between two running servers, checked byte-exact.
+fn run_external(args: &Args, prefill: &str, decode: &str) -> Result<()> {
+    let tokens = if args.quick { 1024 } else { 4096 };
+    let n = args.connections.clamp(1, 16) as u32;
+    let rt = inproc::runtime()?;
+    rt.block_on(async {
+        let p = connect(prefill).await?;
+        let d = connect(decode).await?;
+        let waiter = connect(decode).await?;
+        let mut figures = Vec::new();
+        for (mode, seed) in [("push", 5u128 << 40), ("pull", 6u128 << 40)] {
+            let req = request(tokens, seed);
+            for c in &req.chunks {
+                p.put(c.key, &c.meta, &c.bytes).await?;
+            }
+            let keys: Vec<ChunkKey> = req.chunks.iter().map(|c| c.key).collect();
+            let id = seed | u128::from(std::process::id());
+            let t = Instant::now();
+            let first = tokio::spawn(first_layer(waiter.clone(), id, t));
+            let r = match mode {
+                "push" => p.push_transfer(id, &keys, decode, n, args.layers_per_run).await?,
+                _ => d.pull_transfer(id, &keys, prefill, n, args.layers_per_run).await?,
+            };
+            let total = t.elapsed();
+            let first = first.await??;
+            for (c, got) in req.chunks.iter().zip(d.get(&keys, false).await?) {
+                let got = got.ok_or_else(|| anyhow::anyhow!("chunk {:?} missing after {mode}", c.key))?;
+                anyhow::ensure!(got.bytes == c.bytes, "chunk {:?} differs after {mode}", c.key);
+            }
+            d.delete(&keys).await?;
+            p.delete(&keys).await?;
+            println!(
+                "{mode}: {} MiB in {:.1} ms ({:.3} GB/s), {} calls, first layer after {:.1} ms ({:.1}%), byte-exact",
+                req.bytes >> 20,
+                ms(total),
+                gbps(req.bytes, total),
+                r.calls,
+                ms(first),
+                100.0 * first.as_secs_f64() / total.as_secs_f64()
+            );
+            figures.push((mode, req.bytes, total, first, r.calls));
+        }
+        let mut f = Figures::new("transfer");
+        f.set("network", args.label.as_str());
+        f.set("connections", u64::from(n));
+        f.set("layers_per_run", args.layers_per_run);
+        for (mode, bytes, total, first, calls) in figures {
+            f.set("bytes", bytes as u64);
+            f.set(&format!("{mode}_calls"), calls);
+            f.num(&format!("{mode}_ms"), round(ms(total), 2));
+            f.num(&format!("{mode}_gbps"), round(gbps(bytes, total), 3));
+            f.num(&format!("{mode}_first_layer_ms"), round(ms(first), 2));
+            f.num(&format!("{mode}_first_layer_fraction"), round(first.as_secs_f64() / total.as_secs_f64(), 3));
+        }
+        f.set("byte_exact", true);
+        f.print();
+        anyhow::Ok(())
+    })
+}
+
 pub fn run(args: Args) -> Result<()> {
+    if let (Some(p), Some(d)) = (args.prefill.clone(), args.decode.clone()) {
+        return run_external(&args, &p, &d);
+    }
     let tokens = if args.quick { 1024 } else { 4096 };
     let reps = if args.quick { 2 } else { 3 };
     let n = args.connections.clamp(1, 16);
