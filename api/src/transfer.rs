@@ -61,6 +61,7 @@ pub struct Transfer {
     /// Start of each chunk in the segment.
     offsets: Vec<usize>,
     layers: u32,
+    started: Instant,
     deadline: Instant,
     state: Mutex<State>,
     progress: watch::Sender<Progress>,
@@ -140,10 +141,13 @@ impl Claim {
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             if let Err(e) = store.put_view(c.key, c.meta, view) {
                 t.publish(&st, false, true);
+                crate::metrics::record_transfer_failure("store");
                 return Err(e.into());
             }
         }
         t.publish(&st, true, false);
+        let bytes = t.chunks.iter().map(|c| c.len).sum();
+        crate::metrics::record_transfer("received", bytes, t.started.elapsed());
         Ok(true)
     }
 }
@@ -247,6 +251,7 @@ impl Transfers {
                 chunks,
                 offsets,
                 layers,
+                started: Instant::now(),
                 deadline,
                 state: Mutex::new(State {
                     writer: Some(writer),
@@ -354,6 +359,7 @@ impl Transfers {
             if st.writer.take().is_some() {
                 dropped += 1;
                 t.publish(&st, false, true);
+                crate::metrics::record_transfer_failure("expired");
             }
             false
         });

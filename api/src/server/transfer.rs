@@ -220,6 +220,7 @@ async fn connect_peer(ctx: &Ctx, peer: &str, n: u32) -> Result<Vec<Client>, ApiE
 }
 
 fn peer_error(e: ClientError) -> ApiError {
+    crate::metrics::record_transfer_failure("peer");
     ApiError::Unavailable(format!("transfer peer: {e}"))
 }
 
@@ -281,6 +282,7 @@ pub(crate) fn push_to_peer(ctx: &Arc<Ctx>, buf: &AlignedVec) -> Reply {
             .await
             .map_err(peer_error)?;
         r.elapsed = started.elapsed();
+        crate::metrics::record_transfer("pushed", r.bytes, r.elapsed);
         ok_of(r)
     }))
 }
@@ -328,6 +330,7 @@ pub(crate) fn pull_from_peer(ctx: &Arc<Ctx>, buf: &AlignedVec) -> Reply {
             .push_transfer(m.id, &m.keys, &me, m.connections, m.per_run)
             .await
             .map_err(peer_error)?;
+        crate::metrics::record_transfer("pulled", r.bytes, r.elapsed);
         ok_of(r)
     }))
 }
