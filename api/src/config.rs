@@ -143,6 +143,21 @@ pub struct ServeConfig {
     /// Page-lock the host tier's arenas with the CUDA driver when one is present, so copies
     /// between them and GPU memory run at full PCIe speed. Without a driver this does nothing.
     pub pin_host_gpu: bool,
+    /// Host memory reserved for incoming prefill→decode transfers (each transfer takes one
+    /// contiguous segment of it); 0 refuses transfers.
+    #[serde(with = "size")]
+    pub transfer_bytes: u64,
+    /// Longest a transfer may take before the receiver frees its reservation (milliseconds).
+    pub transfer_timeout_ms: u64,
+    /// Parallel connections a push or pull uses when the request does not say.
+    pub transfer_connections: u32,
+    /// Layers per frame a push or pull uses when the request does not say.
+    pub transfer_layers_per_run: u32,
+    /// This server's data-plane address as peers reach it (for pulls); default `listen`.
+    pub transfer_advertise: Option<String>,
+    /// Peers (`host:port`, as requests name them) this server may push to or pull from with its
+    /// credentials; empty allows loopback addresses only.
+    pub transfer_peers: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -178,6 +193,18 @@ impl Default for ServeConfig {
             squeeze_fraction: 0.5,
             squeeze_p: 1.0,
             pin_host_gpu: true,
+            // Zero pages are mapped lazily: an idle region costs address space only.
+            transfer_bytes: 1 << 30,
+            transfer_timeout_ms: 30_000,
+            // Measured (bench/RESULTS.md, transfer): on the shared 2-core machine one and four
+            // loopback connections were within run-to-run noise (1.05-2.17 vs 1.38-2.42 GB/s for
+            // 512 MiB); four, because real NICs need several streams to fill.
+            transfer_connections: 4,
+            // 16 frames for a 32-layer model; the first (sent alone) is 1/16 of the request, so
+            // layer 0 is usable after well under 10% of the transfer.
+            transfer_layers_per_run: 2,
+            transfer_advertise: None,
+            transfer_peers: Vec::new(),
         }
     }
 }
@@ -363,6 +390,15 @@ impl ServeConfig {
         }
         if !(0.0..=1.0).contains(&self.squeeze_p) {
             invalid!("squeeze_p must be in [0, 1]");
+        }
+        if self.transfer_timeout_ms == 0 || self.transfer_timeout_ms > 600_000 {
+            invalid!("transfer_timeout_ms must be in 1..=600000");
+        }
+        if self.transfer_connections == 0 || self.transfer_connections > 16 {
+            invalid!("transfer_connections must be in 1..=16");
+        }
+        if self.transfer_layers_per_run == 0 || self.transfer_layers_per_run > 1024 {
+            invalid!("transfer_layers_per_run must be in 1..=1024");
         }
         for l in &self.layouts {
             l.validate()

@@ -6,7 +6,8 @@
 //! - [`wire`]: the binary data-plane frame format (the `kvtier-wire` package, re-exported);
 //! - [`client`]: the Rust client (the `kvtier-client` package, re-exported);
 //! - [`error`]: the service error type and its HTTP mapping;
-//! - [`testing`]: the in-process server every integration test and benchmark suite starts.
+//! - [`testing`]: the in-process server every integration test and benchmark suite starts;
+//! - [`transfer`]: the receiving side of prefill→decode transfers (registry, claims, reaper).
 //!
 //! What the service does with stored prompts (layouts, retrieval, budgets, the squeezer) lives
 //! below it, in `kvtier-prompt`; this crate holds the adapters: wire, HTTP, CLI, config, metrics.
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod testing;
+pub mod transfer;
 
 pub use kvtier_client as client;
 pub use kvtier_wire as wire;

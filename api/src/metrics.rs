@@ -33,6 +33,10 @@
 //! | `kvtier_gpu_utilization_ratio` | gauge | `gpu`, `name` | share of time a kernel ran (0–1) |
 //! | `kvtier_gpu_pcie_rx_bytes_per_second` | gauge | `gpu`, `name` | PCIe host→device throughput |
 //! | `kvtier_gpu_pcie_tx_bytes_per_second` | gauge | `gpu`, `name` | PCIe device→host throughput |
+//! | `kvtier_transfers_total` | counter | `result` (`received`/`pushed`/`pulled`) | prefill→decode transfers completed |
+//! | `kvtier_transfer_bytes_total` | counter | `result` | their chunk bytes |
+//! | `kvtier_transfer_duration_seconds` | histogram | `result` | begin to last chunk stored (received) or the whole push / pull |
+//! | `kvtier_transfer_failures_total` | counter | `cause` (`expired`/`store`/`peer`) | transfers that did not complete |
 //!
 //! The per-tier counters mirror the store's own cumulative counters (`absolute`), so they
 //! restart from zero with the process, as Prometheus counters may.
@@ -49,6 +53,12 @@ pub const REQUESTS_TOTAL: &str = "kvtier_requests_total";
 pub const REQUEST_DURATION: &str = "kvtier_request_duration_seconds";
 /// Payload bytes, by direction.
 pub const BYTES_TOTAL: &str = "kvtier_bytes_total";
+
+/// Transfer duration histogram, by result.
+pub const TRANSFER_DURATION: &str = "kvtier_transfer_duration_seconds";
+/// Transfer buckets in seconds: 1 ms (a small request on loopback) to 60 s (gigabytes over a
+/// slow link).
+const TRANSFER_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0];
 
 /// Latency buckets in seconds: 50 µs (a host hit over a Unix socket) up to 10 s (a large
 /// verify or a stalled disk), roughly ×2.5 apart.
@@ -69,7 +79,9 @@ pub fn init() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &LATENCY_BUCKETS)
-                .expect("latency bucket list is a non-empty constant");
+                .expect("latency bucket list is a non-empty constant")
+                .set_buckets_for_metric(Matcher::Full(TRANSFER_DURATION.into()), &TRANSFER_BUCKETS)
+                .expect("transfer bucket list is a non-empty constant");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             if let Err(e) = metrics::set_global_recorder(recorder) {
@@ -112,6 +124,20 @@ pub fn record_op(op: &'static str, plane: &'static str, elapsed: Duration, ok: b
 pub fn record_bytes(direction_in: bool, n: u64) {
     let direction = if direction_in { "in" } else { "out" };
     metrics::counter!(BYTES_TOTAL, "direction" => direction).increment(n);
+}
+
+/// Records a completed transfer: `result` is `received` (this server was the receiver),
+/// `pushed` or `pulled` (a push or pull this server ran).
+pub fn record_transfer(result: &'static str, bytes: u64, elapsed: Duration) {
+    metrics::counter!("kvtier_transfers_total", "result" => result).increment(1);
+    metrics::counter!("kvtier_transfer_bytes_total", "result" => result).increment(bytes);
+    metrics::histogram!(TRANSFER_DURATION, "result" => result).record(elapsed.as_secs_f64());
+}
+
+/// Records a transfer that did not complete: `expired` (deadline passed on the receiver),
+/// `store` (storing the received chunks failed), `peer` (a push or pull failed).
+pub fn record_transfer_failure(cause: &'static str) {
+    metrics::counter!("kvtier_transfer_failures_total", "cause" => cause).increment(1);
 }
 
 /// Copies the store's figures into the registry (gauges set, counters mirrored).

@@ -48,6 +48,10 @@ pub struct Service {
     /// Page-locking of host arenas with the CUDA driver, when a GPU was found (`pin_host_gpu`).
     pub pinned_host: Option<Arc<kvtier_offload::gpu::pinned::PinStats>>,
     pub started: Instant,
+    /// Prefill→decode transfers being received.
+    pub transfers: Arc<crate::transfer::Transfers>,
+    /// The data-plane address actually bound (set by `Listeners::bind`; port 0 resolved).
+    pub data_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl Service {
@@ -149,7 +153,15 @@ impl Service {
         )
         .map_err(|e| ApiError::io("starting the squeezer thread", e))?;
         let auth = Auth::new(config.token.clone(), &config.tenant_tokens);
+        let transfers = Arc::new(crate::transfer::Transfers::new(
+            config.transfer_bytes,
+            Duration::from_millis(config.transfer_timeout_ms),
+        ));
+        crate::transfer::spawn_reaper(Arc::downgrade(&transfers))
+            .map_err(|e| ApiError::io("starting the transfer reaper thread", e))?;
         Ok(Arc::new(Service {
+            transfers,
+            data_addr: std::sync::OnceLock::new(),
             config,
             store,
             auth,

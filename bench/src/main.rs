@@ -44,6 +44,8 @@ enum Suite {
     Engine(suites::engine::Args),
     /// GPU tier (H2D/D2H of 32 MiB chunks) vs pinned cuMemcpy; paged gather vs per-page copies.
     Gpu(suites::gpu::Args),
+    /// Prefill→decode transfer of a Llama-3.1-8B-shaped request: naive per-block puts vs coalesced vs raw TCP.
+    Transfer(suites::transfer::Args),
 }
 
 fn main() -> Result<()> {
@@ -58,5 +60,6 @@ fn main() -> Result<()> {
         Suite::Budget(a) => suites::budget::run(a),
         Suite::Engine(a) => suites::engine::run(a),
         Suite::Gpu(a) => suites::gpu::run(a),
+        Suite::Transfer(a) => suites::transfer::run(a),
     }
 }

@@ -172,7 +172,27 @@ pub fn slot_size_for(len: usize) -> usize {
 struct HostEntry {
     meta: ChunkMeta,
     bytes: Bytes,
-    loc: SlotLocation,
+    /// `None` for adopted views (their memory is not in an arena).
+    loc: Option<SlotLocation>,
+}
+
+/// An adopted view with its budget charge, released when the last clone of the view drops.
+struct Charged {
+    bytes: Bytes,
+    charge: u64,
+    shared: Arc<Shared>,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        self.shared.used.fetch_sub(self.charge, Ordering::AcqRel);
+    }
 }
 
 /// Configuration of the host tier.
@@ -317,12 +337,66 @@ impl HostTier {
     pub fn insert(&self, key: ChunkKey, meta: ChunkMeta, slot: SlotMut) {
         let loc = slot.location();
         let bytes = slot.freeze();
-        self.map.insert(key, HostEntry { meta, bytes, loc });
+        self.map.insert(
+            key,
+            HostEntry {
+                meta,
+                bytes,
+                loc: Some(loc),
+            },
+        );
     }
 
-    /// Where `key`'s bytes sit in the arenas, with a view that keeps the slot alive.
+    /// Charges `len` bytes against the budget for an externally owned view, or `TierFull`.
+    fn charge(&self, len: u64) -> Result<()> {
+        let sh = &self.shared;
+        sh.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + len <= sh.budget).then_some(u + len)
+            })
+            .map(|_| ())
+            .map_err(|_| CacheError::TierFull {
+                tier: TierKind::Host,
+                needed: len,
+                budget: sh.budget,
+            })
+    }
+
+    /// Publishes an externally owned view (for example a chunk received into a transfer
+    /// segment) under `key` without copying it. Its length is charged against the budget
+    /// until the last clone of the view drops; `TierFull` when the budget has no room. Adopted
+    /// chunks have no arena location ([`HostTier::locate`] misses them).
+    pub fn adopt(&self, key: ChunkKey, meta: ChunkMeta, bytes: Bytes) -> Result<()> {
+        if bytes.len() > MAX_SLOT_BYTES {
+            return Err(CacheError::PayloadTooLarge {
+                len: bytes.len() as u64,
+                max: MAX_SLOT_BYTES as u64,
+            });
+        }
+        let charge = bytes.len() as u64;
+        self.charge(charge)?;
+        let bytes = Bytes::from_owner(Charged {
+            bytes,
+            charge,
+            shared: self.shared.clone(),
+        });
+        self.map.insert(
+            key,
+            HostEntry {
+                meta,
+                bytes,
+                loc: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Where `key`'s bytes sit in the arenas, with a view that keeps the slot alive (`None` for
+    /// a miss or an adopted view).
     pub fn locate(&self, key: ChunkKey) -> Option<(ChunkMeta, SlotLocation, Bytes)> {
-        self.map.get(&key).map(|e| (e.meta, e.loc, e.bytes.clone()))
+        self.map
+            .get(&key)
+            .and_then(|e| e.loc.map(|loc| (e.meta, loc, e.bytes.clone())))
     }
 
     /// The arenas carved so far, with duplicated descriptors where they are shareable.
@@ -445,6 +519,38 @@ mod tests {
         for i in 0..100u128 {
             host.remove(ChunkKey(100 + i)).unwrap();
         }
+        assert_eq!(host.usage().bytes, 0);
+    }
+
+    #[test]
+    fn adopted_views_are_charged_until_their_last_clone_drops() {
+        let host = HostTier::new(HostConfig::with_budget(10_000));
+        let k = ChunkKey(3);
+        let view = Bytes::from(vec![5u8; 6000]);
+        host.adopt(k, ChunkMeta::raw(0, 0, 1, 0, 6000), view)
+            .unwrap();
+        assert_eq!(host.usage().bytes, 6000);
+        assert!(matches!(
+            host.adopt(
+                ChunkKey(4),
+                ChunkMeta::raw(0, 0, 1, 0, 6000),
+                Bytes::from(vec![1u8; 6000])
+            ),
+            Err(CacheError::TierFull { .. })
+        ));
+        assert!(
+            host.locate(k).is_none(),
+            "adopted views have no arena location"
+        );
+        let (_, got) = host.get(k).unwrap().unwrap();
+        assert!(got.iter().all(|b| *b == 5));
+        host.remove(k).unwrap();
+        assert_eq!(
+            host.usage().bytes,
+            6000,
+            "a reader's clone still holds the charge"
+        );
+        drop(got);
         assert_eq!(host.usage().bytes, 0);
     }
 

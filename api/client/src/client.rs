@@ -73,10 +73,10 @@ pub struct ClientOptions {
 }
 
 /// A reply frame: its opcode, its header (aligned, validated as the opcode's type) and payload.
-struct Frame {
-    opcode: Opcode,
-    header: AlignedVec,
-    payload: Vec<u8>,
+pub(crate) struct Frame {
+    pub(crate) opcode: Opcode,
+    pub(crate) header: AlignedVec,
+    pub(crate) payload: Vec<u8>,
 }
 
 struct Pending {
@@ -239,7 +239,7 @@ impl Client {
     }
 
     /// Sends one request and waits for its reply, reading the reply payload into `dest` if given.
-    async fn call<T: WireHeader>(
+    pub(crate) async fn call<T: WireHeader>(
         &self,
         header: &T,
         payload: &[&[u8]],
@@ -653,7 +653,7 @@ impl Client {
     }
 }
 
-fn expect(f: Frame, op: Opcode) -> Result<Frame> {
+pub(crate) fn expect(f: Frame, op: Opcode) -> Result<Frame> {
     if f.opcode != op {
         return Err(ClientError::Protocol(format!(
             "expected {op:?}, got {:?}",

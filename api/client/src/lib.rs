@@ -5,6 +5,9 @@
 //! - [`BlockingClient`]: the same calls for callers without an async runtime;
 //! - [`PromptCache`]: the engine's sequence (lookup the cached prefix, leased get into the
 //!   caller's buffer, put the chunks it computed);
+//! - [`transfer`]: the sending side of a prefill→decode transfer (one frame per run of
+//!   layers, written from the chunks' memory, over N connections) and the calls that start,
+//!   watch and move transfers on a server;
 //! - [`transport`]: the TCP / Unix socket halves both ends of a connection use, with
 //!   descriptor passing; the server reuses them.
 //!
@@ -14,6 +17,7 @@
 mod blocking;
 mod client;
 mod prompt;
+pub mod transfer;
 pub mod transport;
 
 pub use blocking::{BlockingClient, BlockingPromptCache};

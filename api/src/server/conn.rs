@@ -206,6 +206,11 @@ fn op_name(op: Opcode) -> &'static str {
         Opcode::MapArenas => "map_arenas",
         Opcode::GetLocated => "get_located",
         Opcode::Retrieve => "retrieve",
+        Opcode::TransferBegin => "transfer_begin",
+        Opcode::TransferLayers => "transfer_layers",
+        Opcode::WaitLayers => "wait_layers",
+        Opcode::TransferPush => "transfer_push",
+        Opcode::TransferPull => "transfer_pull",
         _ => "other",
     }
 }
@@ -244,6 +249,11 @@ async fn dispatch(
         Opcode::ShmGet => handlers::shm_get(ctx, buf),
         Opcode::MapArenas => handlers::map_arenas(ctx, reader.is_unix()),
         Opcode::GetLocated => handlers::get_located(ctx, buf),
+        Opcode::TransferLayers => super::transfer::layers(ctx, pre, buf, reader, stall).await?,
+        Opcode::TransferBegin => super::transfer::begin(ctx, buf),
+        Opcode::WaitLayers => super::transfer::wait(ctx, buf),
+        Opcode::TransferPush => super::transfer::push_to_peer(ctx, buf),
+        Opcode::TransferPull => super::transfer::pull_from_peer(ctx, buf),
         other => return Err(fatal(WireError::UnknownOpcode(other as u8))),
     })
 }

@@ -12,6 +12,7 @@ mod context;
 mod handlers;
 mod reply;
 mod retrieve;
+mod transfer;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -40,6 +41,9 @@ impl Listeners {
         let data = TcpListener::bind(c.listen)
             .await
             .map_err(|e| ApiError::io(format!("binding the data plane to {}", c.listen), e))?;
+        if let Ok(a) = data.local_addr() {
+            let _ = svc.data_addr.set(a);
+        }
         let http = TcpListener::bind(c.http).await.map_err(|e| {
             ApiError::io(format!("binding the HTTP control plane to {}", c.http), e)
         })?;

@@ -15,6 +15,7 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::{MAX_KEYS, Opcode};
+use crate::transfer::*;
 
 /// A header type: archivable, validatable in place, and bound to exactly one opcode.
 pub trait WireHeader:
@@ -72,6 +73,14 @@ pub fn visit_header_type<V: HeaderVisitor>(op: Opcode, v: V) -> V::Out {
         Opcode::GetLocatedOk => v.visit::<GetLocatedOkHeader>(),
         Opcode::RetrieveOk => v.visit::<RetrieveOkHeader>(),
         Opcode::Error => v.visit::<ErrorHeader>(),
+        Opcode::TransferBegin => v.visit::<TransferBeginHeader>(),
+        Opcode::TransferBeginOk => v.visit::<TransferBeginOkHeader>(),
+        Opcode::TransferLayers => v.visit::<TransferLayersHeader>(),
+        Opcode::WaitLayers => v.visit::<WaitLayersHeader>(),
+        Opcode::WaitLayersOk => v.visit::<WaitLayersOkHeader>(),
+        Opcode::TransferPush => v.visit::<TransferPushHeader>(),
+        Opcode::TransferPull => v.visit::<TransferPullHeader>(),
+        Opcode::TransferOk => v.visit::<TransferOkHeader>(),
     }
 }
 
@@ -91,7 +100,9 @@ macro_rules! wire_header {
     };
 }
 
-fn check_len(what: &str, len: usize) -> Result<(), String> {
+pub(crate) use wire_header;
+
+pub(crate) fn check_len(what: &str, len: usize) -> Result<(), String> {
     if len > MAX_KEYS {
         return Err(format!("{what}: {len} entries, at most {MAX_KEYS}"));
     }

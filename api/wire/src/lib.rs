@@ -35,7 +35,15 @@
 //! [`Limits`] bounds every length field. A frame breaking a rule is a distinct [`WireError`]; the
 //! server answers with an error frame and closes that connection only. Beyond the global payload
 //! bound, each opcode has its own payload cap ([`Opcode::max_payload`]): only `Put`, `Lookup`
-//! (token ids, little-endian `u32`, at most [`MAX_LOOKUP_TOKENS`]) and `GetOk` carry a payload.
+//! (token ids, little-endian `u32`, at most [`MAX_LOOKUP_TOKENS`]), `GetOk`, `Retrieve`,
+//! `RetrieveOk` and `TransferLayers` carry a payload.
+//!
+//! # Transfers
+//! Prefill→decode transfers ([`transfer`](crate::TransferBeginHeader) headers) move one request
+//! as a manifest (`TransferBegin`) and one `TransferLayers` frame per run of layers whose payload
+//! is, for each chunk in manifest order, that layer range of the chunk's layer-major payload;
+//! `WaitLayers` reports the arrived prefix of layers; `TransferPush`/`TransferPull` ask a server
+//! to move chunks it holds to (or fetch them from) a peer.
 //!
 //! Key lists are capped at [`MAX_KEYS`], but with the default 64 KiB header bound the real cap is
 //! lower: 4096 16-byte keys alone fill 64 KiB, and a `GetOk` entry is far larger than a key.
@@ -51,6 +59,7 @@ mod io_tests;
 mod proptests;
 #[cfg(test)]
 mod tests;
+mod transfer;
 
 pub use frame::{
     PREAMBLE_LEN, Preamble, access_header, check_header_crc, decode_frame, decode_header,
@@ -59,6 +68,7 @@ pub use frame::{
 };
 pub use headers::*;
 pub use rkyv::util::AlignedVec;
+pub use transfer::*;
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"KVTW";
@@ -159,10 +169,18 @@ pub enum Opcode {
     GetLocatedOk = 0x8d,
     RetrieveOk = 0x8e,
     Error = 0xff,
+    TransferBegin = 0x0f,
+    TransferLayers = 0x10,
+    WaitLayers = 0x11,
+    TransferPush = 0x12,
+    TransferPull = 0x13,
+    TransferBeginOk = 0x8f,
+    WaitLayersOk = 0x91,
+    TransferOk = 0x92,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 26] = [
+    pub const ALL: [Opcode; 34] = [
         Opcode::Hello,
         Opcode::Put,
         Opcode::Get,
@@ -189,6 +207,14 @@ impl Opcode {
         Opcode::GetLocatedOk,
         Opcode::RetrieveOk,
         Opcode::Error,
+        Opcode::TransferBegin,
+        Opcode::TransferLayers,
+        Opcode::WaitLayers,
+        Opcode::TransferPush,
+        Opcode::TransferPull,
+        Opcode::TransferBeginOk,
+        Opcode::WaitLayersOk,
+        Opcode::TransferOk,
     ];
 
     pub fn from_u8(b: u8) -> Option<Opcode> {
@@ -214,6 +240,10 @@ impl Opcode {
             MapArenas => MapArenasOk,
             GetLocated => GetLocatedOk,
             Retrieve => RetrieveOk,
+            TransferBegin => TransferBeginOk,
+            TransferLayers => Ok,
+            WaitLayers => WaitLayersOk,
+            TransferPush | TransferPull => TransferOk,
             _ => return None,
         })
     }
@@ -222,7 +252,9 @@ impl Opcode {
     /// a peer cannot make the other side drain gigabytes after, say, a `Stats` request.
     pub fn max_payload(self, limits: &Limits) -> u64 {
         match self {
-            Opcode::Put | Opcode::GetOk | Opcode::RetrieveOk => limits.max_payload_len,
+            Opcode::Put | Opcode::GetOk | Opcode::RetrieveOk | Opcode::TransferLayers => {
+                limits.max_payload_len
+            }
             Opcode::Retrieve => limits.max_payload_len.min(MAX_RETRIEVE_QUERY_BYTES),
             Opcode::Lookup => limits.max_payload_len.min(MAX_LOOKUP_TOKENS * 4),
             _ => 0,

@@ -9,4 +9,5 @@ pub mod load;
 pub mod retrieval;
 pub mod retrieve;
 pub mod store;
+pub mod transfer;
 pub mod wire;

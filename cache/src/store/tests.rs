@@ -360,3 +360,23 @@ fn the_store_says_which_reads_and_puts_may_block() {
         "nothing to write through to"
     );
 }
+
+#[test]
+fn adopted_views_are_ordinary_chunks_and_evict_to_make_room() {
+    let disk = Arc::new(MemoryTier::new(TierKind::Disk, 1 << 30));
+    let s = store(2, Some(disk), StoreConfig::default());
+    s.put(ChunkKey(1), meta(0), &data(1)).unwrap();
+    s.put(ChunkKey(2), meta(1), &data(2)).unwrap();
+    // The host is full of slots: adopting a view evicts (demotes) to make room.
+    s.put_view(ChunkKey(3), meta(2), bytes::Bytes::from(data(3)))
+        .unwrap();
+    assert_eq!(get_bytes(&s, 3).unwrap(), data(3));
+    let host = s.host().usage();
+    assert!(host.bytes <= host.budget && host.chunks == 2, "{host:?}");
+    assert!(matches!(
+        s.get(T + 1, ChunkKey(3), false).unwrap(),
+        GetOutcome::Miss
+    ));
+    assert!(s.delete(T, ChunkKey(3)).unwrap());
+    assert!(get_bytes(&s, 3).is_none());
+}

@@ -56,6 +56,37 @@ impl TieredStore {
             .write_through_level()
             .map(|level| (level, Bytes::copy_from_slice(&slot)));
         self.host.insert(key, meta, slot);
+        self.publish_host(key, meta, through)
+    }
+
+    /// Stores an externally owned view under `key` without copying it (a chunk received into
+    /// a transfer segment): the host tier adopts it, evicting like a reservation when the
+    /// budget has no room; then it is indexed exactly as a put.
+    pub fn put_view(&self, key: ChunkKey, meta: ChunkMeta, bytes: Bytes) -> Result<()> {
+        check_meta(&meta, bytes.len())?;
+        if self.levels.iter().any(|l| l.owns(meta.codec)) {
+            return Err(CacheError::ReservedCodec(meta.codec));
+        }
+        let through = self
+            .write_through_level()
+            .map(|level| (level, bytes.clone()));
+        loop {
+            match self.host.adopt(key, meta, bytes.clone()) {
+                Ok(()) => break,
+                Err(CacheError::TierFull { .. }) if self.evict_one(HOST)? => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.publish_host(key, meta, through)
+    }
+
+    /// Indexes a chunk the host tier now holds (the tail of every host put).
+    fn publish_host(
+        &self,
+        key: ChunkKey,
+        meta: ChunkMeta,
+        through: Option<(usize, Bytes)>,
+    ) -> Result<()> {
         let tick = self.tick();
         let (fresh, stale_tiers) = match self.index.entry(key) {
             dashmap::Entry::Occupied(mut o) if o.get().meta != meta => {
