@@ -10,7 +10,7 @@ use kvtier_cache::host::ArenaAllocator;
 use kvtier_cache::{
     EncodingTier, HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore, Transcoder,
 };
-use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
+use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas, RemoteConfig, RemoteTier};
 
 use kvtier_compress::StoreCodec;
 use kvtier_compress::policy::{CodecPolicy, TierCodecs};
@@ -46,6 +46,8 @@ pub struct Service {
     /// Whether host arenas are shareable memfd regions (same-host zero-copy reads).
     pub shared_arenas: bool,
     pub started: Instant,
+    /// The remote tier (below disk), when `remote` is configured: for health and its stats.
+    pub remote: Option<Arc<RemoteTier>>,
 }
 
 impl Service {
@@ -87,6 +89,14 @@ impl Service {
                 }
             }
         }
+        let remote = match &config.remote {
+            Some(seeds) => {
+                let r = Arc::new(RemoteTier::open(remote_config(&config, seeds))?);
+                lower.push(r.clone());
+                Some(r)
+            }
+            None => None,
+        };
         let store_cfg = StoreConfig {
             write_mode: config.write_mode,
             admit_after: config.admit_after,
@@ -158,6 +168,7 @@ impl Service {
             disk_error,
             shared_arenas,
             started: Instant::now(),
+            remote,
         }))
     }
 
@@ -176,6 +187,10 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
             exact: config.disk_codec.choice(),
             lossy: config.lossy_disk_codec.choice(),
         },
+        remote: TierCodecs {
+            exact: config.remote_codec.choice(),
+            lossy: config.lossy_remote_codec.choice(),
+        },
         ..CodecPolicy::default()
     };
     let mut hook = StoreCodec::new(policy);
@@ -186,4 +201,16 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
         hook.allow_lossy(kvtier_cache::key::tenant_id(t));
     }
     hook
+}
+
+/// The remote tier's settings from the service configuration.
+fn remote_config(config: &ServeConfig, seeds: &str) -> RemoteConfig {
+    let mut r = RemoteConfig::new(RemoteConfig::parse_seeds(seeds));
+    r.namespace = config.remote_namespace.clone();
+    r.budget = config.remote_bytes;
+    r.ttl = (config.remote_ttl_secs > 0).then(|| Duration::from_secs(config.remote_ttl_secs));
+    r.timeout = Duration::from_millis(config.remote_timeout_ms);
+    r.username = config.remote_user.clone();
+    r.password = config.remote_password.clone();
+    r
 }

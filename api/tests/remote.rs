@@ -1,0 +1,127 @@
+//! Two kvtier nodes on one real Redis Cluster (3 masters + 3 replicas on loopback, started by
+//! the test): a prompt put through node A is found by LOOKUP and read bit-exact through node B,
+//! tenants stay isolated across nodes, a lossy chunk never reaches an exact reader, and
+//! `/healthz` says degraded once the cluster is gone.
+
+use kvtier::testing::TestServer;
+use kvtier_cache::{ChunkMeta, Fidelity, ModelLayout, Namespace, TierKind, WriteMode};
+use kvtier_offload::remote::cluster::LocalCluster;
+
+fn node(cluster: &LocalCluster) -> TestServer {
+    let seeds = cluster.config_value();
+    TestServer::start(|c| {
+        c.remote = Some(seeds);
+        c.remote_bytes = 256 << 20;
+        c.remote_timeout_ms = 1500;
+        c.remote_namespace = "crossnode".into();
+        c.write_mode = WriteMode::WriteThrough;
+    })
+    .unwrap()
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    kvtier_cache::conformance::payload(seed, len)
+}
+
+async fn healthz(srv: &TestServer) -> serde_json::Value {
+    let url = format!("{}/healthz", srv.http_url());
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", &url])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_put_on_node_a_is_read_bit_exact_on_node_b() {
+    let cluster = LocalCluster::start().expect("local redis cluster");
+    let a = node(&cluster);
+    let b = node(&cluster);
+    let layout = ModelLayout::smollm2_135m();
+    let fp = layout.fingerprint();
+    let ns = Namespace::new(fp, "alice");
+    let tokens: Vec<u32> = (0..256 * 6).collect();
+    let keys = ns.chunk_keys(&tokens);
+    assert_eq!(keys.len(), 6);
+    let ca = a.client(&a.tcp, None, "alice").await.unwrap();
+    let data: Vec<Vec<u8>> = (0..6).map(|i| payload(i, 50_000 + i as usize)).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let mut m = ChunkMeta::raw(0, 42, 256, i as u32, data[i].len() as u64);
+        m.parent = i.checked_sub(1).map(|p| keys[p]);
+        ca.put(*k, &m, &data[i]).await.unwrap();
+    }
+    assert_eq!(a.svc.store.stats().tiers[1].tier, TierKind::Remote);
+
+    // Node B has never seen these chunks: LOOKUP finds all six in the remote tier.
+    let cb = b.client(&b.tcp, None, "alice").await.unwrap();
+    let r = cb.lookup(fp, None, 256, &tokens).await.unwrap();
+    assert_eq!(r.hit_tokens, 256 * 6);
+    assert_eq!(r.hits.iter().map(|h| h.key).collect::<Vec<_>>(), keys);
+    assert!(r.hits.iter().all(|h| h.tiers.contains(TierKind::Remote)));
+    let got = cb.get(&keys, false).await.unwrap();
+    for (g, d) in got.iter().zip(&data) {
+        assert_eq!(&g.as_ref().expect("read on b").bytes[..], &d[..]);
+    }
+    // Promoted into B's host memory by the read.
+    let r = cb.lookup(fp, None, 256, &tokens).await.unwrap();
+    assert!(r.hits.iter().all(|h| h.tiers.contains(TierKind::Host)));
+
+    // Another tenant on B finds nothing of alice's, by lookup or by raw key.
+    let cbob = b.client(&b.tcp, None, "bob").await.unwrap();
+    assert_eq!(
+        cbob.lookup(fp, None, 256, &tokens)
+            .await
+            .unwrap()
+            .hit_tokens,
+        0
+    );
+    assert!(
+        cbob.get(&keys, true)
+            .await
+            .unwrap()
+            .iter()
+            .all(Option::is_none)
+    );
+
+    // A chunk its client labelled lossy is never served to an exact reader on either node.
+    let lossy_tokens: Vec<u32> = (5000..5256).collect();
+    let lk = ns.chunk_keys(&lossy_tokens)[0];
+    let mut m = ChunkMeta::raw(0, 42, 256, 0, 4096);
+    m.codec = 200;
+    m.fidelity = Fidelity::Lossy {
+        codec: 200,
+        error_bound: 0.1,
+    };
+    ca.put(lk, &m, &payload(9, 4096)).await.unwrap();
+    let r = cb.lookup(fp, None, 256, &lossy_tokens).await.unwrap();
+    assert_eq!(r.hit_tokens, 256);
+    assert!(cb.get(&[lk], false).await.unwrap()[0].is_none());
+    assert!(ca.get(&[lk], false).await.unwrap()[0].is_none());
+    let lossy = cb.get(&[lk], true).await.unwrap();
+    assert_eq!(&lossy[0].as_ref().unwrap().bytes[..], &payload(9, 4096)[..]);
+
+    assert_eq!(healthz(&b).await["status"], "ok");
+    // The cluster gone: degraded, while chunks in B's host memory still serve.
+    drop(cluster);
+    let h = healthz(&b).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["remote"]["up"], false);
+    let got = cb.get(&keys[..1], false).await.unwrap();
+    assert_eq!(&got[0].as_ref().unwrap().bytes[..], &data[0][..]);
+    // A lookup past the local prefix does not stall: the probe fails within the timeout.
+    let more: Vec<u32> = (0..256 * 8).collect();
+    let t = std::time::Instant::now();
+    let r = cb.lookup(fp, None, 256, &more).await.unwrap();
+    assert_eq!(r.hit_tokens, 256 * 6);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        t.elapsed()
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
