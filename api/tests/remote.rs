@@ -112,6 +112,13 @@ async fn a_prompt_put_on_node_a_is_read_bit_exact_on_node_b() {
     assert_eq!(h["remote"]["up"], false);
     let got = cb.get(&keys[..1], false).await.unwrap();
     assert_eq!(&got[0].as_ref().unwrap().bytes[..], &data[0][..]);
+    // Puts still succeed locally (the write-through to the pool fails and is counted).
+    let ek = ns.chunk_keys(&(9000..9256).collect::<Vec<u32>>())[0];
+    let em = ChunkMeta::raw(0, 42, 256, 0, 1000);
+    ca.put(ek, &em, &payload(11, 1000)).await.unwrap();
+    let got = ca.get(&[ek], false).await.unwrap();
+    assert_eq!(&got[0].as_ref().unwrap().bytes[..], &payload(11, 1000)[..]);
+    assert!(a.svc.store.stats().tiers[1].errors >= 1);
     // A lookup past the local prefix does not stall: the probe fails within the timeout.
     let more: Vec<u32> = (0..256 * 8).collect();
     let t = std::time::Instant::now();

@@ -42,6 +42,8 @@ enum Suite {
     Budget(suites::budget::Args),
     /// Reference engine: SmolLM2 greedy generation reusing prefix KV through kvtier; cold vs warm TTFT.
     Engine(suites::engine::Args),
+    /// Remote tier on a local Redis Cluster against a plain redis client; cross-node prefix.
+    Remote(suites::remote::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +57,6 @@ fn main() -> Result<()> {
         Suite::Retrieve(a) => suites::retrieve::run(a),
         Suite::Budget(a) => suites::budget::run(a),
         Suite::Engine(a) => suites::engine::run(a),
+        Suite::Remote(a) => suites::remote::run(a),
     }
 }

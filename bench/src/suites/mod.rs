@@ -5,6 +5,7 @@ pub mod capture;
 pub mod compress;
 pub mod engine;
 pub mod load;
+pub mod remote;
 pub mod retrieval;
 pub mod retrieve;
 pub mod store;

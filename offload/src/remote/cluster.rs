@@ -197,15 +197,21 @@ impl LocalCluster {
         self.cli(port, &full)
     }
 
-    /// Ports of the running masters, from `CLUSTER NODES`.
+    /// Ports of the running masters that serve slots, from `CLUSTER NODES` (flags `master`,
+    /// not `fail`, with at least one slot range).
     pub fn master_ports(&self) -> Result<Vec<u16>, HarnessError> {
         let port = *self.ports().first().ok_or("no server running")?;
         let out = self.cli(port, &["cluster", "nodes"])?;
         let text = String::from_utf8_lossy(&out);
         let mut ports = Vec::new();
         for line in text.lines() {
+            // id addr flags master-id ping pong epoch link-state [slot ranges…]
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 3 || !f[2].contains("master") || f[2].contains("fail") {
+            let flags: Vec<&str> = f.get(2).map(|x| x.split(',').collect()).unwrap_or_default();
+            if f.len() < 9
+                || !flags.contains(&"master")
+                || flags.iter().any(|x| x.starts_with("fail"))
+            {
                 continue;
             }
             let addr = f[1].split('@').next().unwrap_or("");
@@ -264,6 +270,12 @@ impl LocalCluster {
             let info = self.cli(port, &["cluster", "info"])?;
             if !String::from_utf8_lossy(&info).contains("cluster_state:ok") {
                 return Err(format!("node {port} not in cluster_state:ok"));
+            }
+            // A replica that has not finished its first sync cannot take over from its master.
+            let repl = self.cli(port, &["info", "replication"])?;
+            let repl = String::from_utf8_lossy(&repl);
+            if repl.contains("role:slave") && !repl.contains("master_link_status:up") {
+                return Err(format!("replica {port} not yet in sync with its master"));
             }
         }
         Ok(())

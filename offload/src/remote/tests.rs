@@ -130,3 +130,70 @@ fn unreachable_cluster_fails_fast_and_clearly() {
         vec!["redis://a:1".to_string(), "redis://b:2".to_string()]
     );
 }
+
+#[test]
+fn a_killed_master_fails_over_without_a_wrong_byte() {
+    let mut cluster = LocalCluster::start_with(super::cluster::ClusterOptions {
+        node_timeout_ms: 1000,
+        ..Default::default()
+    })
+    .expect("local redis cluster");
+    let mut c = RemoteConfig::new(cluster.urls());
+    c.namespace = "failover".into();
+    c.timeout = Duration::from_millis(1500);
+    let t = RemoteTier::open(c).unwrap();
+    let keys: Vec<ChunkKey> = (0..120u128).map(|i| ChunkKey(0x5000 + i)).collect();
+    let data: Vec<Vec<u8>> = (0..120).map(|i| payload(i + 50, 4096)).collect();
+    let items: Vec<(ChunkKey, ChunkMeta, &[u8])> = keys
+        .iter()
+        .zip(&data)
+        .map(|(k, d)| (*k, meta(d.len()), &d[..]))
+        .collect();
+    assert!(t.put_many(&items).iter().all(|r| r.is_ok()));
+    // Let the replicas catch up (replication is asynchronous), then kill one master.
+    std::thread::sleep(Duration::from_millis(500));
+    let masters = cluster.master_ports().unwrap();
+    assert_eq!(masters.len(), 3);
+    cluster.kill(masters[0]).unwrap();
+
+    // A stream of gets through the failover: every answer is the right bytes, a miss or an
+    // error, and none takes longer than the timeout (plus scheduling slack).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let (mut ok, mut failed) = (0, 0);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let k = i % keys.len();
+        let start = Instant::now();
+        match t.get(keys[k]) {
+            Ok(Some((_, got))) => {
+                assert_eq!(&got[..], &data[k][..], "wrong bytes for chunk {k}");
+                ok += 1;
+            }
+            Ok(None) | Err(_) => failed += 1,
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            start.elapsed()
+        );
+        i += 1;
+    }
+    assert!(ok > 0, "ok {ok}, failed {failed}");
+
+    // After failover every chunk reads back (the replica was promoted with its data).
+    cluster.wait_healthy(Duration::from_secs(30)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut pending: Vec<usize> = (0..keys.len()).collect();
+    while !pending.is_empty() && Instant::now() < deadline {
+        pending.retain(|&k| match t.get(keys[k]) {
+            Ok(Some((_, got))) => {
+                assert_eq!(&got[..], &data[k][..]);
+                false
+            }
+            _ => true,
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pending.is_empty(), "unreadable after failover: {pending:?}");
+    assert!(t.healthy());
+}
