@@ -132,3 +132,95 @@ async fn a_prompt_put_on_node_a_is_read_bit_exact_on_node_b() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `kvtier serve` process on `seeds`, killed when dropped.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &std::path::Path, data: u16, seeds: &str) -> Serve {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{data}")])
+        .args(["--http", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "--host-bytes",
+            "64MiB",
+            "--disk-bytes",
+            "0",
+            "--write-mode",
+            "write-through",
+        ])
+        .args(["--remote", seeds, "--log", "warn"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn kvtier serve");
+    Serve(child)
+}
+
+async fn connect(addr: &str, tenant: &str) -> kvtier::client::Client {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = kvtier::client::ClientOptions {
+            tenant: Some(tenant.into()),
+            ..Default::default()
+        };
+        match kvtier::client::Client::connect(addr, o).await {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() > deadline => panic!("server did not start: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_share_a_prompt_through_the_cluster() {
+    let cluster = LocalCluster::start().expect("local redis cluster");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pa, pb) = (free_port(), free_port());
+    let _a = serve(da.path(), pa, &cluster.config_value());
+    let _b = serve(db.path(), pb, &cluster.config_value());
+    let fp = ModelLayout::smollm2_135m().fingerprint();
+    let ns = Namespace::new(fp, "carol");
+    let tokens: Vec<u32> = (0..256 * 3).collect();
+    let keys = ns.chunk_keys(&tokens);
+    let ca = connect(&format!("127.0.0.1:{pa}"), "carol").await;
+    for (i, k) in keys.iter().enumerate() {
+        let d = payload(40 + i as u64, 20_000);
+        ca.put(*k, &ChunkMeta::raw(0, 42, 256, i as u32, 20_000), &d)
+            .await
+            .unwrap();
+    }
+    let cb = connect(&format!("127.0.0.1:{pb}"), "carol").await;
+    let r = cb.lookup(fp, None, 256, &tokens).await.unwrap();
+    assert_eq!(r.hit_tokens, 256 * 3);
+    for (i, g) in cb.get(&keys, false).await.unwrap().iter().enumerate() {
+        assert_eq!(
+            &g.as_ref().unwrap().bytes[..],
+            &payload(40 + i as u64, 20_000)[..]
+        );
+    }
+    let other = connect(&format!("127.0.0.1:{pb}"), "dave").await;
+    assert_eq!(
+        other
+            .lookup(fp, None, 256, &tokens)
+            .await
+            .unwrap()
+            .hit_tokens,
+        0
+    );
+}
