@@ -104,6 +104,22 @@ async fn a_prompt_put_on_node_a_is_read_bit_exact_on_node_b() {
     let lossy = cb.get(&[lk], true).await.unwrap();
     assert_eq!(&lossy[0].as_ref().unwrap().bytes[..], &payload(9, 4096)[..]);
 
+    // A value flipped in Redis (SETRANGE) is found by B's lookup (its header is intact), then
+    // dropped as corrupt on read and counted, never served.
+    let ct: Vec<u32> = (7000..7256).collect();
+    let ck = ns.chunk_keys(&ct)[0];
+    ca.put(ck, &ChunkMeta::raw(0, 42, 256, 0, 8000), &payload(12, 8000))
+        .await
+        .unwrap();
+    let name = format!("crossnode:c:{:032x}", ck.0);
+    cluster
+        .cli_key(&["SETRANGE", &name, "4000", "oops"])
+        .unwrap();
+    assert_eq!(cb.lookup(fp, None, 256, &ct).await.unwrap().hit_tokens, 256);
+    assert!(cb.get(&[ck], false).await.unwrap()[0].is_none());
+    assert_eq!(b.svc.store.stats().tiers[1].corrupt, 1);
+    assert_eq!(cb.lookup(fp, None, 256, &ct).await.unwrap().hit_tokens, 0);
+
     assert_eq!(healthz(&b).await["status"], "ok");
     // The cluster gone: degraded, while chunks in B's host memory still serve.
     drop(cluster);
