@@ -193,6 +193,46 @@ pub fn render(stats: &StoreStats, retrieval: &kvtier_prompt::retrieval::Retrieva
     handle.render()
 }
 
+/// The remote tier's own figures in the Prometheus text format: whether the cluster answered,
+/// errors and the latency histogram of its requests (the store's per-tier counters cover hits,
+/// misses, bytes and corrupt records).
+pub fn remote_text(r: &kvtier_offload::RemoteStats) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# TYPE kvtier_remote_up gauge\nkvtier_remote_up {}",
+        r.healthy as u8
+    );
+    let _ = writeln!(
+        t,
+        "# TYPE kvtier_remote_errors_total counter\nkvtier_remote_errors_total {}",
+        r.errors
+    );
+    let _ = writeln!(t, "# TYPE kvtier_remote_request_seconds histogram");
+    let mut cumulative = 0;
+    for (bound, n) in r.latency_bounds_us.iter().zip(&r.latency_counts) {
+        cumulative += n;
+        let le = *bound as f64 / 1e6;
+        let _ = writeln!(
+            t,
+            "kvtier_remote_request_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let total: u64 = r.latency_counts.iter().sum();
+    let _ = writeln!(
+        t,
+        "kvtier_remote_request_seconds_bucket{{le=\"+Inf\"}} {total}"
+    );
+    let _ = writeln!(
+        t,
+        "kvtier_remote_request_seconds_sum {}",
+        r.latency_sum_us as f64 / 1e6
+    );
+    let _ = writeln!(t, "kvtier_remote_request_seconds_count {total}");
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

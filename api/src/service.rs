@@ -10,7 +10,7 @@ use kvtier_cache::host::ArenaAllocator;
 use kvtier_cache::{
     EncodingTier, HostConfig, HostTier, StoreConfig, StoreEvent, Tier, TieredStore, Transcoder,
 };
-use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas};
+use kvtier_offload::{DiskConfig, DiskTier, Durability, MemfdArenas, RemoteConfig, RemoteTier};
 
 use kvtier_compress::StoreCodec;
 use kvtier_compress::policy::{CodecPolicy, TierCodecs};
@@ -52,6 +52,8 @@ pub struct Service {
     pub transfers: Arc<crate::transfer::Transfers>,
     /// The data-plane address actually bound (set by `Listeners::bind`; port 0 resolved).
     pub data_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The remote tier (below disk), when `remote` is configured: for health and its stats.
+    pub remote: Option<Arc<RemoteTier>>,
 }
 
 impl Service {
@@ -94,6 +96,14 @@ impl Service {
                 }
             }
         }
+        let remote = match &config.remote {
+            Some(seeds) => {
+                let r = Arc::new(RemoteTier::open(remote_config(&config, seeds))?);
+                lower.push(r.clone());
+                Some(r)
+            }
+            None => None,
+        };
         let store_cfg = StoreConfig {
             write_mode: config.write_mode,
             admit_after: config.admit_after,
@@ -174,6 +184,7 @@ impl Service {
             shared_arenas,
             pinned_host,
             started: Instant::now(),
+            remote,
         }))
     }
 
@@ -191,6 +202,10 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
         disk: TierCodecs {
             exact: config.disk_codec.choice(),
             lossy: config.lossy_disk_codec.choice(),
+        },
+        remote: TierCodecs {
+            exact: config.remote_codec.choice(),
+            lossy: config.lossy_remote_codec.choice(),
         },
         ..CodecPolicy::default()
     };
@@ -228,4 +243,16 @@ fn pin_host_arenas(
             (allocator, None)
         }
     }
+}
+
+/// The remote tier's settings from the service configuration.
+fn remote_config(config: &ServeConfig, seeds: &str) -> RemoteConfig {
+    let mut r = RemoteConfig::new(RemoteConfig::parse_seeds(seeds));
+    r.namespace = config.remote_namespace.clone();
+    r.budget = config.remote_bytes;
+    r.ttl = (config.remote_ttl_secs > 0).then(|| Duration::from_secs(config.remote_ttl_secs));
+    r.timeout = Duration::from_millis(config.remote_timeout_ms);
+    r.username = config.remote_user.clone();
+    r.password = config.remote_password.clone();
+    r
 }

@@ -46,6 +46,8 @@ enum Suite {
     Gpu(suites::gpu::Args),
     /// Prefill→decode transfer of a Llama-3.1-8B-shaped request: naive per-block puts vs coalesced vs raw TCP.
     Transfer(suites::transfer::Args),
+    /// Remote tier on a local Redis Cluster against a plain redis client; cross-node prefix.
+    Remote(suites::remote::Args),
 }
 
 fn main() -> Result<()> {
@@ -61,5 +63,6 @@ fn main() -> Result<()> {
         Suite::Engine(a) => suites::engine::run(a),
         Suite::Gpu(a) => suites::gpu::run(a),
         Suite::Transfer(a) => suites::transfer::run(a),
+        Suite::Remote(a) => suites::remote::run(a),
     }
 }

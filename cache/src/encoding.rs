@@ -147,6 +147,14 @@ impl Tier for EncodingTier {
     fn owns_codec(&self, codec: u16) -> bool {
         codec != CODEC_RAW && (self.transcoder.owns(codec) || self.inner.owns_codec(codec))
     }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    fn probe(&self, keys: &[ChunkKey]) -> Result<Vec<Option<ChunkMeta>>> {
+        self.inner.probe(keys)
+    }
 }
 
 #[cfg(test)]

@@ -227,6 +227,18 @@ pub trait Tier: Send + Sync {
         false
     }
 
+    /// Whether other processes write to this tier too (a remote pool), so that it may hold
+    /// chunks the store's index does not know; the store then asks [`Tier::probe`] for them.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// The stored metadata of each of `keys`, in one round where the backend can batch. Only
+    /// shared tiers need it: for the others the store's index already knows everything.
+    fn probe(&self, keys: &[ChunkKey]) -> Result<Vec<Option<ChunkMeta>>> {
+        Ok(vec![None; keys.len()])
+    }
+
     /// [`Tier::put`], calling `make_room` and retrying whenever the tier is full, until
     /// `make_room` returns false (then the `TierFull` error is returned). Returns the metadata
     /// the record was stored with: `meta`, unless the tier encodes (then codec and fidelity are

@@ -17,12 +17,22 @@ use super::{AppState, HttpError, authorize, timed};
 
 /// `GET /healthz`: unauthenticated, so load balancers and probes need no secret. Always 200
 /// while the process serves; `status` is `degraded` when a configured disk tier failed to open
-/// (the service then runs on host memory alone).
+/// (the service then runs on host memory alone) or the remote cluster does not answer.
 pub(super) async fn healthz(State(st): State<AppState>) -> Response {
     timed("healthz", async move {
         let svc = &st.svc;
         let disk_configured = svc.config.disk_bytes > 0;
-        let degraded = svc.disk_error.is_some();
+        // The remote tier is pinged (bounded by its timeout, on a blocking thread); while the
+        // cluster is unreachable the node is degraded and serves from its local tiers.
+        let remote_up = match svc.remote.clone() {
+            Some(r) => Some(
+                tokio::task::spawn_blocking(move || r.check_health())
+                    .await
+                    .unwrap_or(false),
+            ),
+            None => None,
+        };
+        let degraded = svc.disk_error.is_some() || remote_up == Some(false);
         Ok(Json(json!({
             "ok": !degraded,
             "status": if degraded { "degraded" } else { "ok" },
@@ -32,6 +42,10 @@ pub(super) async fn healthz(State(st): State<AppState>) -> Response {
                 "configured": disk_configured,
                 "up": disk_configured && !degraded,
                 "error": svc.disk_error,
+            },
+            "remote": {
+                "configured": remote_up.is_some(),
+                "up": remote_up.unwrap_or(false),
             },
         })))
     })
@@ -113,6 +127,11 @@ fn redact(v: &mut Value) {
     {
         *t = Value::String("<redacted>".into());
     }
+    if let Some(t) = v.get_mut("remote_password")
+        && !t.is_null()
+    {
+        *t = Value::String("<redacted>".into());
+    }
     if let Some(Value::Object(m)) = v.get_mut("tenant_tokens") {
         let tenants: Vec<Value> = std::mem::take(m).into_iter().map(|(_, t)| t).collect();
         for (i, t) in tenants.into_iter().enumerate() {
@@ -130,7 +149,10 @@ pub(super) async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> R
                 .await
                 .unwrap_or_default();
         crate::metrics::refresh_gpus(&gpus);
-        let text = crate::metrics::render(&st.svc.store.stats(), &st.svc.retrieval);
+        let mut text = crate::metrics::render(&st.svc.store.stats(), &st.svc.retrieval);
+        if let Some(r) = &st.svc.remote {
+            text.push_str(&crate::metrics::remote_text(&r.stats()));
+        }
         Ok((
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
             text,

@@ -147,23 +147,33 @@ pub(crate) async fn lookup(
         Err(msg) => return Ok(Reply::Now(Err(ApiError::BadRequest(msg)))),
     };
     let ns = namespace(&ctx.tenant, fp, salt.as_deref(), chunk_tokens);
-    let r = ctx.svc.store.lookup(&ns, &tokens);
-    // The response header must fit the frame limits: report the longest prefix that does.
-    let n = r.chunks.len().min(ctx.limits.max_keys());
-    let hits: Vec<LookupHit> = r.chunks[..n]
-        .iter()
-        .map(|c| LookupHit {
-            key: c.key.0,
-            tiers: c.tiers.0,
-            fidelity: c.fidelity.tag(),
-        })
-        .collect();
-    let h = LookupOkHeader {
-        hit_chunks: n as u32,
-        hit_tokens: (n * chunk_tokens as usize) as u64,
-        hits,
+    let store = ctx.svc.store.clone();
+    let max_keys = ctx.limits.max_keys();
+    let may_block = store.lookup_may_block();
+    let work = move || {
+        let r = store.lookup(&ns, &tokens);
+        // The response header must fit the frame limits: report the longest prefix that does.
+        let n = r.chunks.len().min(max_keys);
+        let hits: Vec<LookupHit> = r.chunks[..n]
+            .iter()
+            .map(|c| LookupHit {
+                key: c.key.0,
+                tiers: c.tiers.0,
+                fidelity: c.fidelity.tag(),
+            })
+            .collect();
+        let h = LookupOkHeader {
+            hit_chunks: n as u32,
+            hit_tokens: (n * chunk_tokens as usize) as u64,
+            hits,
+        };
+        frame(&h, 0).map(Outgoing::frame)
     };
-    Ok(Reply::Now(frame(&h, 0).map(Outgoing::frame)))
+    // A store with a shared (remote) tier probes it for chunks missing locally: network I/O.
+    Ok(match may_block {
+        true => later(work),
+        false => Reply::Now(work()),
+    })
 }
 
 /// `Lease`: pins chunks (promoting them to host first when needed).

@@ -6,6 +6,7 @@ pub mod compress;
 pub mod engine;
 pub mod gpu;
 pub mod load;
+pub mod remote;
 pub mod retrieval;
 pub mod retrieve;
 pub mod store;

@@ -30,6 +30,7 @@ mod inspect;
 mod leases;
 mod moves;
 mod read;
+mod shared;
 mod types;
 mod write;
 
@@ -118,28 +119,33 @@ impl TieredStore {
     /// raw and exact; its copy keeps the encoding's fidelity.
     fn rebuild_index(&self) {
         for level in &self.levels {
-            let kind = level.kind();
             for (key, rec) in level.tier.entries() {
-                let (logical, copy) = match level.owns(rec.codec) {
-                    true => (
-                        ChunkMeta {
-                            codec: CODEC_RAW,
-                            fidelity: Fidelity::Exact,
-                            ..rec
-                        },
-                        rec.fidelity,
-                    ),
-                    false => (rec, Fidelity::Exact),
-                };
-                let e = self
-                    .index
-                    .entry(key)
-                    .or_insert_with(|| new_entry(logical, 0));
-                e.add_tier(kind);
-                e.mark(kind, copy);
-                level.order.insert(0, rec.depth, key);
+                self.index_record(level, key, rec, 0);
             }
         }
+    }
+
+    /// Indexes the record `rec` of `key` found in `level` (see [`TieredStore::rebuild_index`]).
+    fn index_record(&self, level: &Level, key: ChunkKey, rec: ChunkMeta, tick: u64) {
+        let kind = level.kind();
+        let (logical, copy) = match level.owns(rec.codec) {
+            true => (
+                ChunkMeta {
+                    codec: CODEC_RAW,
+                    fidelity: Fidelity::Exact,
+                    ..rec
+                },
+                rec.fidelity,
+            ),
+            false => (rec, Fidelity::Exact),
+        };
+        let e = self
+            .index
+            .entry(key)
+            .or_insert_with(|| new_entry(logical, tick));
+        e.add_tier(kind);
+        e.mark(kind, copy);
+        level.order.insert(tick, rec.depth, key);
     }
 
     /// The store's configuration.

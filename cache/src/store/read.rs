@@ -138,19 +138,26 @@ impl TieredStore {
         let mut chain = ns.hasher();
         let per = chain.chunk_tokens().max(1);
         let mut chunks = Vec::with_capacity(tokens.len() / per);
-        for c in tokens.chunks_exact(per) {
+        let mut blocks = tokens.chunks_exact(per);
+        let mut first_miss = None;
+        for c in blocks.by_ref() {
             let key = chain.next_key(c);
-            let Some(e) = self.index.get(&key) else { break };
-            let tiers = e.tiers();
-            if e.meta.tenant != tenant || tiers.is_empty() {
+            if !self.push_hit(&mut chunks, key, tenant, tick) {
+                first_miss = Some(key);
                 break;
             }
-            e.last_access.store(tick, Ordering::Release);
-            chunks.push(ChunkHit {
-                key,
-                tiers,
-                fidelity: e.fidelity(),
-            });
+        }
+        // The rest of the prefix may be in a tier other nodes share: one probe for all of it.
+        if let Some(miss) = first_miss.filter(|_| self.lookup_may_block()) {
+            let rest: Vec<ChunkKey> = std::iter::once(miss)
+                .chain(blocks.map(|c| chain.next_key(c)))
+                .collect();
+            let n = self.probe_shared(tenant, &rest, tick);
+            for key in &rest[..n] {
+                if !self.push_hit(&mut chunks, *key, tenant, tick) {
+                    break;
+                }
+            }
         }
         for c in &chunks {
             self.sketch.increment(c.key);
@@ -159,5 +166,23 @@ impl TieredStore {
             hit_tokens: chunks.len() * per,
             chunks,
         }
+    }
+
+    /// Appends `key` to a lookup's hits when the index holds it for `tenant` in some tier.
+    fn push_hit(&self, chunks: &mut Vec<ChunkHit>, key: ChunkKey, tenant: u64, tick: u64) -> bool {
+        let Some(e) = self.index.get(&key) else {
+            return false;
+        };
+        let tiers = e.tiers();
+        if e.meta.tenant != tenant || tiers.is_empty() {
+            return false;
+        }
+        e.last_access.store(tick, Ordering::Release);
+        chunks.push(ChunkHit {
+            key,
+            tiers,
+            fidelity: e.fidelity(),
+        });
+        true
     }
 }

@@ -115,7 +115,26 @@ impl TieredStore {
         self.levels[HOST].order.insert(tick, meta.depth, key);
         self.sketch.increment(key);
         if let Some((level, bytes)) = through {
-            self.write_copy(level, key, &meta, &bytes)?;
+            // The next tier, and every shared (remote) pool below it, so that other nodes find
+            // the chunk at once rather than when this node's disk evicts it. A shared pool that
+            // cannot take the copy (unreachable, full) costs only the sharing: the put still
+            // holds locally, and the failure is counted as that tier's error.
+            for l in level..self.levels.len() {
+                let shared = self.levels[l].tier.is_shared();
+                if l != level && !shared {
+                    continue;
+                }
+                match self.write_copy(l, key, &meta, &bytes) {
+                    Ok(()) => {}
+                    Err(_) if shared => {
+                        self.levels[l]
+                            .counters
+                            .errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         if fresh {
             self.emit(StoreEvent::Stored {
