@@ -17,3 +17,7 @@ if [ -x scripts/fetch-model.sh ]; then
 fi
 
 cargo test --workspace --release "$@"
+
+# The Python package (PyO3 + maturin, venv cached under .cache/python-venv) against the kvtier
+# binary the workspace tests just built.
+KVTIER_BIN="$PWD/target/release/kvtier" scripts/test-python.sh

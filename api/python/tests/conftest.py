@@ -69,7 +69,7 @@ def start_server(data_dir: Path, *extra: str) -> Server:
             "--listen", f"127.0.0.1:{port}",
             "--socket", sock,
             "--http", f"127.0.0.1:{free_port()}",
-            "--host-bytes", "256MiB", "--disk-bytes", "1GiB",
+            "--host-bytes", "512MiB", "--disk-bytes", "1GiB",
             "--log", "error",
             *extra,
         ],

@@ -160,7 +160,7 @@ def test_errors_are_mapped(server, token_server):
         kvtier.Layout("m", 1, 1, 1, "int3")
     # A chunk larger than the whole host tier is refused by the server with its code.
     with pytest.raises((kvtier.TierFullError, kvtier.TooLargeError)):
-        c.put("1" * 32, np.zeros(300 << 20, np.uint8), model=LAYOUT)
+        c.put("1" * 32, np.zeros(600 << 20, np.uint8), model=LAYOUT)
 
 
 def test_concurrent_threads_share_a_client(server):
