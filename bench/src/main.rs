@@ -42,6 +42,8 @@ enum Suite {
     Budget(suites::budget::Args),
     /// Reference engine: SmolLM2 greedy generation reusing prefix KV through kvtier; cold vs warm TTFT.
     Engine(suites::engine::Args),
+    /// vLLM (CPU) with kvtier's KV connector: cold vs warm TTFT, connector load/save throughput.
+    Vllm(suites::vllm::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +57,6 @@ fn main() -> Result<()> {
         Suite::Retrieve(a) => suites::retrieve::run(a),
         Suite::Budget(a) => suites::budget::run(a),
         Suite::Engine(a) => suites::engine::run(a),
+        Suite::Vllm(a) => suites::vllm::run(a),
     }
 }

@@ -8,4 +8,5 @@ pub mod load;
 pub mod retrieval;
 pub mod retrieve;
 pub mod store;
+pub mod vllm;
 pub mod wire;

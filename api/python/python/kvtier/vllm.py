@@ -271,6 +271,7 @@ class KvtierConnector(KVConnectorBase_V1):
         some = next(iter(self._caches.values()))
         buf = torch.empty((tr.count, *self._chunk_shape()), dtype=some.dtype)
         loaded = 0
+        t0 = time.perf_counter()
         client = self._link.client()
         if client is not None:
             try:
@@ -298,6 +299,9 @@ class KvtierConnector(KVConnectorBase_V1):
                       .reshape(c * self._bpc, H, 2, self._block_size, D))
             self._blocks_view(cache)[ids] = blocks
         self.loaded_tokens += loaded * self._chunk_tokens
+        ms = (time.perf_counter() - t0) * 1e3
+        logger.info("kvtier: loaded %d tokens (%d bytes) in %.1f ms", loaded * self._chunk_tokens,
+                    src.numel() * src.element_size(), ms)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # start_load_kv fills every layer before the forward pass starts.
@@ -342,12 +346,16 @@ class KvtierConnector(KVConnectorBase_V1):
         client = self._link.client()
         if client is None:
             return
+        t0 = time.perf_counter()
         try:
             for i in range(tr.count):
                 client.put_chunk(tr.keys, tr.first + i, st[i], model=self._layout,
                                  chunk_tokens=self._chunk_tokens)
                 self.stored_chunks += 1
             self._link.ok()
+            logger.info("kvtier: stored %d tokens (%d bytes) in %.1f ms",
+                        tr.count * self._chunk_tokens, st.numel() * st.element_size(),
+                        (time.perf_counter() - t0) * 1e3)
         except kvtier.KvtierError as e:
             self._link.fail(e)
 

@@ -1,9 +1,10 @@
 """Runs prompts through a real vLLM engine (CPU build) once, optionally with kvtier's connector,
 and prints one JSON line per prompt: generated token ids and text, prompt length, the tokens
 vLLM reports as cached (``num_cached_tokens``: with vLLM's own prefix cache off, those came
-from kvtier), and and the wall time of the call (with max_tokens 1: the time to first token).
+from kvtier), and the wall time of the call (with max_tokens 1: the time to first token).
 
-Usage: python driver.py CONFIG_JSON   (model, prompts, max_tokens, kvtier: extra config or null,
+Usage: python driver.py CONFIG_JSON   (model, prompts, max_tokens: one or per prompt,
+settle_s: pause between prompts, kvtier: extra config or null,
 pause_after: print PAUSED before that prompt and wait for a line on stdin)
 """
 
@@ -37,7 +38,9 @@ def main() -> None:
         seed=0,
         **kw,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.get("max_tokens", 16))
+    max_tokens = cfg.get("max_tokens", 16)
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(cfg["prompts"])
     pause = cfg.get("pause_after")
     for i, p in enumerate(cfg["prompts"]):
         if pause is not None and i == pause:
@@ -45,6 +48,9 @@ def main() -> None:
             print("PAUSED", flush=True)
             sys.stdin.readline()
         # One prompt at a time: what the second one finds is what the first one stored.
+        if i > 0 and cfg.get("settle_s"):
+            time.sleep(cfg["settle_s"])  # lets the connector's background puts finish
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens[i])
         t0 = time.perf_counter()
         out = llm.generate([p], params, use_tqdm=False)[0]
         elapsed = time.perf_counter() - t0
