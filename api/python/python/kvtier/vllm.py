@@ -210,8 +210,8 @@ class KvtierConnector(KVConnectorBase_V1):
             block_ids = list(new.block_ids[0])
             local = new.num_computed_tokens  # vLLM's own prefix cache plus what we load
             n_load = self._need_load.pop(new.req_id, 0)
-            first_load = (local // self._chunk_tokens) if n_load == 0 else held - n_load
             if n_load > 0:
+                # External tokens start where vLLM's own (chunk-aligned) hit ends.
                 first_load = held - n_load
                 meta.loads.append(self._transfer(new.req_id, keys, first_load, n_load,
                                                  block_ids))
