@@ -8,13 +8,13 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvtier_cache::{ChunkKey, ChunkMeta};
-use kvtier_client::{Client, ClientOptions};
-use kvtier_tests::{seed, xorshift};
+use kvtier_client::Client;
+use kvtier_tests::{connect_when_up, free_port, seed, spawn_serve, xorshift};
 
 const ROUNDS: u64 = 10;
 const PUTTERS: u64 = 4;
@@ -26,40 +26,16 @@ const MAX_PUTS: u64 = 1000;
 const CHUNK_BYTES: usize = 16 << 10;
 const TOKENS: u32 = 256;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `kvtier serve` on `dir`, every put written to disk and made durable before it is
 /// acknowledged.
 fn spawn(dir: &Path, data: u16, durability: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kvtier_process"))
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{data}")])
-        .args(["--http", &format!("127.0.0.1:{}", free_port())])
-        .args(["--host-bytes", "64MiB", "--disk-bytes", "1GiB"])
-        .args(["--write-mode", "write-through", "--durability", durability])
-        .args(["--log", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn kvtier serve")
-}
-
-async fn connect(addr: &str) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match Client::connect(addr, ClientOptions::default()).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("server did not come up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    spawn_serve(
+        env!("CARGO_BIN_EXE_kvtier_process"),
+        dir,
+        data,
+        "64MiB",
+        durability,
+    )
 }
 
 /// Payload of chunk `key`: a xorshift stream seeded by the key.
@@ -116,7 +92,7 @@ async fn acknowledged_puts_survive_sigkill_of_the_server() {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let mut child = spawn(dir.path(), port, durability);
-        let c = connect(&addr).await;
+        let c = connect_when_up(&addr).await;
         check(&c, &ledger, round).await;
         if round == ROUNDS {
             // The last start only checks what the previous kill left.

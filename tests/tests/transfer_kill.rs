@@ -6,50 +6,27 @@
 //!   the reservation within its `transfer_timeout_ms` and shows no partial chunk.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvtier::testing::TestServer;
 use kvtier_cache::{ChunkKey, ChunkMeta, ModelLayout};
+use kvtier_client::Client;
 use kvtier_client::transfer::{self, OutgoingChunk, PushOptions};
-use kvtier_client::{Client, ClientOptions};
+use kvtier_tests::{connect_when_up, free_port, spawn_serve};
 
 /// Llama-3.1-8B chunks of 16 tokens (2 MiB each, 32 layers).
 const TOKENS: usize = 16;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kvtier_process"))
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--http", &format!("127.0.0.1:{}", free_port())])
-        .args(["--host-bytes", "768MiB", "--disk-bytes", "1GiB"])
-        .args(["--write-mode", "write-through", "--durability", "batch"])
-        .args(["--log", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn kvtier serve")
-}
-
-async fn connect(addr: &str) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match Client::connect(addr, ClientOptions::default()).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("server did not come up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    spawn_serve(
+        env!("CARGO_BIN_EXE_kvtier_process"),
+        dir,
+        port,
+        "768MiB",
+        "batch",
+    )
 }
 
 fn request(n: usize, base: u128) -> Vec<OutgoingChunk> {
@@ -102,8 +79,8 @@ async fn receiver_killed_mid_transfer_then_retry_completes() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = spawn(dir.path(), port);
-    let conns = vec![connect(&addr).await, connect(&addr).await];
-    let watcher = connect(&addr).await;
+    let conns = vec![connect_when_up(&addr).await, connect_when_up(&addr).await];
+    let watcher = connect_when_up(&addr).await;
     let chunks = request(96, 1 << 40);
     let opts = PushOptions {
         layers: 32,
@@ -134,7 +111,7 @@ async fn receiver_killed_mid_transfer_then_retry_completes() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = spawn(dir.path(), port);
-    let c = connect(&addr).await;
+    let c = connect_when_up(&addr).await;
     let got = c.get(&keys(&chunks)[..64], false).await.unwrap();
     assert!(
         got.iter().all(Option::is_none),
@@ -166,12 +143,12 @@ async fn sender_killed_mid_transfer_frees_the_reservation() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut prefill = spawn(dir.path(), port);
-    let p = connect(&addr).await;
+    let p = connect_when_up(&addr).await;
     let chunks = request(96, 2 << 40);
     for c in &chunks {
         p.put(c.key, &c.meta, &c.bytes).await.unwrap();
     }
-    let d = connect(&decode.tcp).await;
+    let d = connect_when_up(&decode.tcp).await;
     let push = {
         let (p, keys, to) = (p.clone(), keys(&chunks), decode.tcp.clone());
         tokio::spawn(async move { p.push_transfer(5, &keys, &to, 1, 1).await })
