@@ -243,11 +243,7 @@ impl Client {
             connections,
             layers_per_run,
         };
-        let f = expect(self.call(&h, &[], None).await?, Opcode::TransferOk)?;
-        Ok(report_of(&kvtier_wire::decode_header(
-            Opcode::TransferOk,
-            &f.header,
-        )?))
+        self.server_transfer(&h).await
     }
 
     /// Asks this server to fetch `keys` from `peer` (which holds them for our tenant) as
@@ -267,7 +263,12 @@ impl Client {
             connections,
             layers_per_run,
         };
-        let f = expect(self.call(&h, &[], None).await?, Opcode::TransferOk)?;
+        self.server_transfer(&h).await
+    }
+
+    /// Sends a push or pull request the server carries out itself and reads its report.
+    async fn server_transfer<H: kvtier_wire::WireHeader>(&self, h: &H) -> Result<TransferReport> {
+        let f = expect(self.call(h, &[], None).await?, Opcode::TransferOk)?;
         Ok(report_of(&kvtier_wire::decode_header(
             Opcode::TransferOk,
             &f.header,
