@@ -184,8 +184,21 @@ pub async fn push(
             report.calls += 1;
             start = end;
         }
+        let mut failed = None;
         while let Some(r) = set.join_next().await {
-            r.map_err(|e| ClientError::Protocol(format!("transfer task failed: {e}")))??;
+            let r = r
+                .map_err(|e| ClientError::Protocol(format!("transfer task failed: {e}")))
+                .and_then(|r| r);
+            if let Err(e) = r {
+                // Stop the other runs and wait until each is gone: a task dropped with the set
+                // would be freed later by the runtime, and with it its view of the chunks, so
+                // the caller could not reuse (or free) them as soon as we return.
+                set.abort_all();
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     report.elapsed = started.elapsed();
