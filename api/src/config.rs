@@ -143,6 +143,13 @@ pub struct ServeConfig {
     /// Page-lock the host tier's arenas with the CUDA driver when one is present, so copies
     /// between them and GPU memory run at full PCIe speed. Without a driver this does nothing.
     pub pin_host_gpu: bool,
+    /// Device memory of GPU 0 for the GPU tier above host (copies of the hottest host chunks);
+    /// 0 with `gpu_fraction` 0 keeps the tier off (the engine owns the GPU by default).
+    #[serde(with = "size")]
+    pub gpu_bytes: u64,
+    /// The GPU tier's budget as a fraction (0, 0.95] of the device's free memory at start;
+    /// 0 means `gpu_bytes` decides.
+    pub gpu_fraction: f64,
     /// Host memory reserved for incoming prefill→decode transfers (each transfer takes one
     /// contiguous segment of it); 0 refuses transfers.
     #[serde(with = "size")]
@@ -213,6 +220,8 @@ impl Default for ServeConfig {
             squeeze_fraction: 0.5,
             squeeze_p: 1.0,
             pin_host_gpu: true,
+            gpu_bytes: 0,
+            gpu_fraction: 0.0,
             // Zero pages are mapped lazily: an idle region costs address space only.
             transfer_bytes: 1 << 30,
             transfer_timeout_ms: 30_000,
@@ -430,6 +439,12 @@ impl ServeConfig {
         if !(self.squeeze_fraction > 0.0 && self.squeeze_fraction <= 1.0) {
             invalid!("squeeze_fraction must be in (0, 1]");
         }
+        if self.gpu_bytes > 0 && self.gpu_fraction > 0.0 {
+            invalid!("set gpu_bytes or gpu_fraction, not both");
+        }
+        if !(0.0..=0.95).contains(&self.gpu_fraction) {
+            invalid!("gpu_fraction must be in [0, 0.95] (0 disables; the engine owns the rest)");
+        }
         if !(0.0..=1.0).contains(&self.squeeze_p) {
             invalid!("squeeze_p must be in [0, 1]");
         }
@@ -529,6 +544,40 @@ mod tests {
         assert_eq!(
             c.socket_path().unwrap(),
             PathBuf::from("./kvtier-data/kvtier.sock")
+        );
+    }
+
+    #[test]
+    fn the_gpu_tier_is_off_by_default_and_its_budget_is_checked() {
+        let c = ServeConfig::default();
+        assert_eq!((c.gpu_bytes, c.gpu_fraction), (0, 0.0));
+        c.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        std::fs::write(&p, "gpu_bytes = \"2GiB\"\n").unwrap();
+        let c = ServeConfig::from_toml_file(&p).unwrap();
+        assert_eq!(c.gpu_bytes, 2 << 30);
+        c.validate().unwrap();
+        let both = ServeConfig {
+            gpu_fraction: 0.5,
+            ..c
+        };
+        assert!(
+            both.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+        let too_much = ServeConfig {
+            gpu_fraction: 0.99,
+            ..ServeConfig::default()
+        };
+        assert!(
+            too_much
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("0.95")
         );
     }
 }

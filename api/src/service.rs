@@ -75,7 +75,8 @@ impl Service {
                 (Box::new(kvtier_cache::host::HeapArenas), false)
             }
         };
-        let (allocator, pinned_host) = pin_host_arenas(&config, allocator);
+        let gpu_device = open_gpu(&config);
+        let (allocator, pinned_host) = pin_host_arenas(&config, gpu_device.as_ref(), allocator);
         let host = HostTier::with_allocator(host_cfg, allocator);
         let mut lower: Vec<Arc<dyn Tier>> = Vec::new();
         let mut disk_error = None;
@@ -122,7 +123,15 @@ impl Service {
             .into_iter()
             .map(|t| Arc::new(EncodingTier::new(t, codec.clone())) as Arc<dyn Tier>)
             .collect();
-        let store = Arc::new(TieredStore::new(store_cfg, Arc::new(host), lower));
+        let mut store = TieredStore::new(store_cfg, Arc::new(host), lower);
+        if let Some(device) = gpu_tier(&config, gpu_device.as_ref()) {
+            store = store.with_device(device);
+        }
+        let store = Arc::new(store);
+        if store.has_device() {
+            spawn_device_promoter(Arc::downgrade(&store))
+                .map_err(|e| ApiError::io("starting the gpu promotion thread", e))?;
+        }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let tx = events.clone();
         store.subscribe(move |e| {
@@ -219,30 +228,89 @@ pub fn store_codec(config: &ServeConfig, layouts: &Layouts) -> StoreCodec {
     hook
 }
 
+/// Opens GPU 0 when something configured wants it (pinned host arenas, the GPU tier); one log
+/// line says why not when it cannot.
+fn open_gpu(config: &ServeConfig) -> Option<Arc<kvtier_offload::gpu::GpuDevice>> {
+    let wants_tier = config.gpu_bytes > 0 || config.gpu_fraction > 0.0;
+    if !config.pin_host_gpu && !wants_tier {
+        return None;
+    }
+    match kvtier_offload::gpu::GpuDevice::open(0) {
+        Ok(dev) => Some(dev),
+        Err(e) if wants_tier => {
+            tracing::error!("{e}; the gpu tier is off, serving from host memory and below");
+            None
+        }
+        Err(e) => {
+            tracing::info!("{e}; host arenas stay pageable");
+            None
+        }
+    }
+}
+
 /// Wraps the host tier's allocator so that its arenas are page-locked with the CUDA driver,
-/// when `pin_host_gpu` is on and a GPU opens; otherwise returns it unchanged after one log line.
+/// when `pin_host_gpu` is on and a GPU opened; otherwise returns it unchanged.
 fn pin_host_arenas(
     config: &ServeConfig,
+    dev: Option<&Arc<kvtier_offload::gpu::GpuDevice>>,
     allocator: Box<dyn ArenaAllocator>,
 ) -> (
     Box<dyn ArenaAllocator>,
     Option<Arc<kvtier_offload::gpu::pinned::PinStats>>,
 ) {
-    if !config.pin_host_gpu {
-        return (allocator, None);
-    }
-    match kvtier_offload::gpu::GpuDevice::open(0) {
-        Ok(dev) => {
+    match dev.filter(|_| config.pin_host_gpu) {
+        Some(dev) => {
             tracing::info!("gpu found: host arenas are page-locked for device copies");
-            let pinned = kvtier_offload::gpu::PinnedArenas::new(allocator, dev);
+            let pinned = kvtier_offload::gpu::PinnedArenas::new(allocator, dev.clone());
             let stats = pinned.stats();
             (Box::new(pinned), Some(stats))
         }
+        None => (allocator, None),
+    }
+}
+
+/// The GPU tier above host, when `gpu_bytes` or `gpu_fraction` asks for one and GPU 0 opened.
+fn gpu_tier(
+    config: &ServeConfig,
+    dev: Option<&Arc<kvtier_offload::gpu::GpuDevice>>,
+) -> Option<Arc<dyn Tier>> {
+    use kvtier_offload::gpu::{GpuBudget, GpuConfig, GpuTier};
+    let budget = match (config.gpu_bytes, config.gpu_fraction) {
+        (0, f) if f > 0.0 => GpuBudget::FractionOfFree(f),
+        (0, _) => return None,
+        (n, _) => GpuBudget::Bytes(n),
+    };
+    match GpuTier::on_device(dev?.clone(), &GpuConfig::with_budget(budget)) {
+        Ok(t) => {
+            tracing::info!(
+                "gpu tier on: {} bytes of device memory above host",
+                t.usage().budget
+            );
+            Some(Arc::new(t))
+        }
         Err(e) => {
-            tracing::info!("{e}; host arenas stay pageable");
-            (allocator, None)
+            tracing::error!("gpu tier unavailable, serving from host memory and below: {e}");
+            None
         }
     }
+}
+
+/// Copies hot host chunks up to the GPU tier off the request path: a plain thread (device
+/// copies block) that holds the store weakly and ends with it.
+fn spawn_device_promoter(store: std::sync::Weak<TieredStore>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("kvtier-gpu-promote".into())
+        .spawn(move || {
+            loop {
+                let Some(s) = store.upgrade() else { return };
+                let busy = s.promote_to_device(64) > 0 || s.device_queue_len() > 0;
+                drop(s);
+                if !busy {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+        .map(|_| ())
 }
 
 /// The remote tier's settings from the service configuration.

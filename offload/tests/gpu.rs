@@ -252,3 +252,46 @@ fn gather_and_scatter_move_scattered_pages_bit_exact() {
     refused(pool.upload_pages(&[0, 16], page, &vec![0u8; 2 * page]));
     refused(staging.download(16 * page - 1, &mut [0u8; 2]));
 }
+
+#[test]
+fn the_store_promotes_hot_chunks_to_the_gpu_and_serves_them_back_bit_exact() {
+    use kvtier_cache::{StoreConfig, TierKind, TieredStore};
+    let Some(dev) = gpu::test_device("store_with_a_gpu_level") else {
+        return;
+    };
+    const LEN: usize = 2 << 20;
+    let host = Arc::new(HostTier::with_allocator(
+        HostConfig {
+            budget_bytes: 2 * LEN as u64,
+            arena_bytes: 4 << 20,
+        },
+        Box::new(HeapArenas),
+    ));
+    let gpu_tier = Arc::new(tier(&dev, 8 * LEN as u64));
+    let store = TieredStore::new(StoreConfig::default(), host, Vec::new()).with_device(gpu_tier);
+    let m = ChunkMeta::raw(1, 2, 16, 0, LEN as u64);
+    let want = payload(7, LEN);
+    store.put(ChunkKey(1), m, &want).unwrap();
+    for _ in 0..2 {
+        store.get(1, ChunkKey(1), false).unwrap().hit().unwrap();
+    }
+    assert_eq!(store.promote_to_device(8), 1);
+    // Fill the host so chunk 1 lives on the GPU only.
+    for k in 2..6 {
+        store.put(ChunkKey(k), m, &payload(k as u64, LEN)).unwrap();
+    }
+    let info = store.info(1, ChunkKey(1)).unwrap();
+    assert_eq!(info.tiers.fastest(), Some(TierKind::Gpu), "{info:?}");
+    assert!(!info.tiers.contains(TierKind::Host));
+    let r = store.get(1, ChunkKey(1), false).unwrap().hit().unwrap();
+    assert_eq!(r.tier, TierKind::Gpu);
+    assert!(r.bytes == want, "gpu copy served different bytes");
+    assert!(
+        store
+            .info(1, ChunkKey(1))
+            .unwrap()
+            .tiers
+            .contains(TierKind::Host)
+    );
+    gpu::say("gpu tests: store with a gpu level ran on the device");
+}

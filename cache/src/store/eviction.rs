@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{HOST, StoreEvent, TieredStore};
+use super::{StoreEvent, TieredStore};
 use crate::error::Result;
 use crate::key::ChunkKey;
 use crate::tier::{ChunkMeta, TierKind, TierSet};
@@ -37,7 +37,7 @@ impl TieredStore {
                 continue;
             }
             // Leases pin host copies only; a leased chunk's slower copies may go.
-            if level == HOST && e.is_pinned(now) {
+            if level == self.host_at && e.is_pinned(now) {
                 pinned.push((tick, depth, key));
                 continue;
             }

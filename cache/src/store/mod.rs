@@ -1,7 +1,8 @@
 //! The tiered store: one index over an ordered list of tiers, and the policy that moves chunks
 //! between them.
 //!
-//! The tiers form one list, fastest first: the host tier, then disk (then remote). Eviction,
+//! The tiers form one list, fastest first: an optional GPU level ([`device`]), the host tier, then
+//! disk (then remote). Eviction,
 //! demotion, promotion and stats iterate that list; the only special tier is the host, where
 //! puts land and hits are promoted to, and the store keeps a typed handle to it for zero-copy
 //! slot reservation. Encoding for slower tiers is not the store's business: a tier that encodes
@@ -24,6 +25,7 @@
 //! The index is a sharded map whose entries carry atomics, so reads take no global lock; the
 //! eviction orders are the only ordered structures and are not touched by reads.
 
+mod device;
 mod entry;
 mod eviction;
 mod inspect;
@@ -48,9 +50,8 @@ use crate::tier::{CODEC_RAW, ChunkMeta, Fidelity, Tier, TierKind};
 use entry::{Entry, new_entry};
 pub use types::*;
 
-/// Position of the host tier in [`TieredStore::levels`]: puts land there, hits are promoted
-/// there, and only its chunks can be leased.
-const HOST: usize = 0;
+/// Longest queue of host chunks waiting to be copied up to the device level.
+const DEVICE_QUEUE: usize = 4096;
 
 /// One tier of the store with its eviction order and counters.
 struct Level {
@@ -75,10 +76,16 @@ type Listener = Arc<dyn Fn(&StoreEvent) + Send + Sync>;
 /// The tiered store. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct TieredStore {
     config: StoreConfig,
-    /// Typed handle to `levels[HOST]`, for slot reservation and arena sharing.
+    /// Typed handle to `levels[host_at]`, for slot reservation and arena sharing.
     host: Arc<HostTier>,
-    /// Every tier, fastest first; `levels[HOST]` is the host tier.
+    /// Every tier, fastest first: the device level (if any), then the host, then slower tiers.
     levels: Vec<Level>,
+    /// Position of the host tier in `levels`: puts land there, socket reads are served from
+    /// there, hits are promoted there and only its chunks can be leased. 0, or 1 when a device
+    /// (GPU) level sits above it.
+    host_at: usize,
+    /// Host chunks hot enough for the device level, waiting for [`TieredStore::promote_to_device`].
+    device_queue: parking_lot::Mutex<std::collections::VecDeque<ChunkKey>>,
     index: DashMap<ChunkKey, Entry>,
     clock: AtomicU64,
     sketch: FrequencySketch,
@@ -105,6 +112,8 @@ impl TieredStore {
             config,
             host,
             levels,
+            host_at: 0,
+            device_queue: parking_lot::Mutex::new(std::collections::VecDeque::new()),
             index: DashMap::new(),
             clock: AtomicU64::new(1),
             leases: DashMap::new(),
@@ -181,5 +190,7 @@ impl TieredStore {
 
 #[cfg(test)]
 mod codec_tests;
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
-use super::{HOST, TieredStore, WriteMode};
+use super::{TieredStore, WriteMode};
 use crate::error::Result;
 use crate::key::ChunkKey;
 use crate::tier::{ChunkMeta, Tier, TierKind};
@@ -79,8 +79,10 @@ impl TieredStore {
             e.record_copy(TierKind::Host, meta.fidelity);
             e.last_access.store(tick, Ordering::Release);
         }
-        self.levels[HOST].order.insert(tick, meta.depth, key);
-        self.levels[HOST]
+        self.levels[self.host_at]
+            .order
+            .insert(tick, meta.depth, key);
+        self.levels[self.host_at]
             .counters
             .promotions
             .fetch_add(1, Ordering::Relaxed);

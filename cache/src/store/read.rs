@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use super::entry::Entry;
-use super::{ChunkHit, ChunkRead, GetOutcome, HOST, LookupResult, TieredStore};
+use super::{ChunkHit, ChunkRead, GetOutcome, LookupResult, TieredStore};
 use crate::error::{CacheError, Result};
 use crate::key::{ChunkKey, Namespace};
 use crate::tier::{CODEC_RAW, ChunkMeta, Fidelity, TierKind, TierSet};
@@ -65,7 +65,7 @@ impl TieredStore {
                 }
             }
             _ => {
-                self.levels[HOST]
+                self.levels[self.host_at]
                     .counters
                     .misses
                     .fetch_add(1, Ordering::Relaxed);
@@ -73,11 +73,15 @@ impl TieredStore {
             }
         };
         self.sketch.increment(key);
-        for (i, level) in self.levels.iter().enumerate() {
+        // Host first (its copy is served without a copy), then the others fastest first.
+        let order = std::iter::once(self.host_at)
+            .chain((0..self.levels.len()).filter(|&i| i != self.host_at));
+        for i in order {
+            let level = &self.levels[i];
             let kind = level.kind();
             if !allowed.contains(kind) {
                 // The host counts every get it does not serve; slower tiers only those they try.
-                if i == HOST {
+                if i == self.host_at {
                     level.counters.misses.fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
@@ -94,9 +98,12 @@ impl TieredStore {
                         continue;
                     }
                     level.counters.hits.fetch_add(1, Ordering::Relaxed);
-                    let bytes = match i {
-                        HOST => bytes,
-                        _ => self.promote(key, meta, bytes),
+                    let bytes = match i == self.host_at {
+                        true => {
+                            self.note_device_candidate(key);
+                            bytes
+                        }
+                        false => self.promote(key, meta, bytes),
                     };
                     return Ok(GetOutcome::Hit(ChunkRead {
                         meta,

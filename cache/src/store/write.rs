@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::entry::{check_meta, new_entry};
-use super::{HOST, StoreEvent, TieredStore, WriteMode};
+use super::{StoreEvent, TieredStore, WriteMode};
 use crate::error::{CacheError, Result};
 use crate::host::SlotMut;
 use crate::key::ChunkKey;
@@ -18,7 +18,7 @@ impl TieredStore {
         loop {
             match self.host.reserve(len) {
                 Ok(slot) => return Ok(slot),
-                Err(CacheError::TierFull { .. }) if self.evict_one(HOST)? => continue,
+                Err(CacheError::TierFull { .. }) if self.evict_one(self.host_at)? => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -41,7 +41,9 @@ impl TieredStore {
     /// The level a put is written through to before it returns, if any.
     fn write_through_level(&self) -> Option<usize> {
         match self.config.write_mode {
-            WriteMode::WriteThrough if self.levels.len() > HOST + 1 => Some(HOST + 1),
+            WriteMode::WriteThrough if self.levels.len() > self.host_at + 1 => {
+                Some(self.host_at + 1)
+            }
             _ => None,
         }
     }
@@ -73,7 +75,7 @@ impl TieredStore {
         loop {
             match self.host.adopt(key, meta, bytes.clone()) {
                 Ok(()) => break,
-                Err(CacheError::TierFull { .. }) if self.evict_one(HOST)? => continue,
+                Err(CacheError::TierFull { .. }) if self.evict_one(self.host_at)? => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -101,9 +103,10 @@ impl TieredStore {
                 (true, TierSet::EMPTY)
             }
         };
-        for l in self.levels[HOST + 1..]
+        for l in self
+            .levels
             .iter()
-            .filter(|l| stale_tiers.contains(l.kind()))
+            .filter(|l| l.kind() != TierKind::Host && stale_tiers.contains(l.kind()))
         {
             l.tier.remove(key)?;
         }
@@ -112,7 +115,9 @@ impl TieredStore {
             e.mark(TierKind::Host, Fidelity::Exact);
             e.last_access.store(tick, Ordering::Release);
         }
-        self.levels[HOST].order.insert(tick, meta.depth, key);
+        self.levels[self.host_at]
+            .order
+            .insert(tick, meta.depth, key);
         self.sketch.increment(key);
         if let Some((level, bytes)) = through {
             // The next tier, and every shared (remote) pool below it, so that other nodes find
